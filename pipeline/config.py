@@ -1,0 +1,178 @@
+"""Typed configuration of the whole pipeline.
+
+These dataclasses are the schema: Hydra registers them in its ConfigStore (``pipeline.hydra_app``)
+so an unknown key or a wrong type fails at composition, and code that does not use Hydra builds
+them directly (``PipelineConfig(model=ModelConfig(name_or_path=...), ...)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from pipeline.merge.config import InputSlice, MergeConfig, OutputSlice  # noqa: F401 (re-export)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+STAGES = ("base", "merge", "cpt", "sft", "eval")
+TRAINING_STAGES = ("cpt", "sft")
+
+
+@dataclass
+class DemoModelConfig:
+    """A tiny Mistral-architecture model pretrained from scratch on the shipped corpus.
+
+    Built once and cached (keyed by these fields and the corpus hash) so later runs skip it.
+    """
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    seq_len: int = 256
+    # 16 sequences x 256 tokens = 4,096 tokens/step; 600 steps = ~2.5M tokens (~3 epochs of the corpus).
+    batch_size: int = 16
+    train_steps: int = 600
+    learning_rate: float = 3.0e-3
+    seed: int = 0
+    corpus: str = str(REPO_ROOT / "data" / "demo" / "corpus.txt")
+    # Text used to train the BPE tokenizer (the corpus plus the instruction data's text).
+    tokenizer_files: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    # Hub repo id or local directory of the base model.
+    name_or_path: str = "???"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Load PyTorch pickle checkpoints (``*.bin``) with ``weights_only=True``. Off: safetensors only.
+    allow_pickle: bool = False
+    # If set, the base model is the tiny demo model, built here when missing.
+    demo: Optional[DemoModelConfig] = None
+
+
+@dataclass
+class DataConfig:
+    # Raw-text corpora for cpt: local .txt/.jsonl/.parquet files or hub dataset names.
+    cpt_files: List[str] = field(default_factory=list)
+    text_column: str = "text"
+    # .txt files are split into documents on this separator (corpus.txt joins documents by it).
+    txt_document_separator: str = "\n\n\n"
+    # Long documents are cut at paragraph boundaries into records of at most this many characters,
+    # so the held-out split samples every part of the corpus.
+    max_record_chars: int = 4000
+    # Conversational data for sft: files with a ``messages`` column (role/content dicts).
+    sft_files: List[str] = field(default_factory=list)
+    messages_column: str = "messages"
+    # Share of records held out for evaluation (chosen by content hash: stable across runs).
+    heldout_fraction: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings shared by cpt and sft.
+
+    Tokens per optimizer step = per_device_train_batch_size x gradient_accumulation_steps
+    x num_processes x sequence length.
+    """
+
+    enabled: bool = True
+    learning_rate: float = 1.0e-4
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    seed: int = 42
+    # None = automatic: bf16 where the GPU supports it, fp32 on CPU.
+    bf16: Optional[bool] = None
+    # None = automatic: flash_attention_2 when installed and on GPU, else sdpa.
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: bool = False
+    report_to: List[str] = field(default_factory=lambda: ["none"])
+
+
+@dataclass
+class CPTConfig(TrainConfig):
+    seq_len: int = 1024
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    learning_rate: float = 2.0e-5
+    max_length: int = 1024
+    # Compute the loss on assistant tokens only (needs {% generation %} markers in the template).
+    assistant_only_loss: bool = True
+    packing: bool = False
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    # Which stages' models to evaluate (those that ran).
+    stages: List[str] = field(default_factory=lambda: ["base", "merge", "cpt", "sft"])
+    seq_len: int = 256
+    batch_size: int = 8
+    # Cap on held-out tokens scored per model (0 = all).
+    max_heldout_tokens: int = 0
+    max_sft_heldout_examples: int = 0
+
+
+@dataclass
+class DistributedConfig:
+    """How training stages are launched. ``accelerate launch`` with DeepSpeed ZeRO."""
+
+    num_processes: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: Optional[str] = None
+    main_process_port: Optional[int] = None  # None = a free port is picked
+    zero_stage: int = 3
+    offload: bool = False
+    # DeepSpeed JSON; None = conf/deepspeed/zero{stage}[_offload].json
+    deepspeed_config: Optional[str] = None
+    # Extra arguments passed to ``accelerate launch`` verbatim.
+    accelerate_args: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = str(REPO_ROOT)
+    conf_dir: str = str(REPO_ROOT / "conf")
+    data_dir: str = str(REPO_ROOT / "data" / "demo")
+    output_root: str = str(REPO_ROOT / "outputs")
+    # Shared across runs: the demo base model, merges reused between sweep jobs.
+    cache_dir: str = str(REPO_ROOT / ".cache")
+    # This run's directory. Under Hydra: the job's output dir (deterministic, same on every rank).
+    run_dir: str = "???"
+
+
+@dataclass
+class PipelineConfig:
+    run_name: str = "demo"
+    # all | base | merge | cpt | sft | eval
+    stage: str = "all"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cpt: CPTConfig = field(default_factory=CPTConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)

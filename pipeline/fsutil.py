@@ -1,0 +1,176 @@
+"""Filesystem helpers: atomic output directories and content hashing.
+
+Every output directory is written under a hidden temporary name next to its final location and
+renamed only when complete, so a crash never leaves something a later stage could take for a
+finished result (``os.rename`` is atomic within one filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_dir_for(final: Path) -> Path:
+    return final.parent / f".{final.name}{PARTIAL_SUFFIX}"
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory; rename it to ``final`` if the block succeeds.
+
+    On an exception the temporary directory is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; remove it or choose another output path")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_dir_for(final)
+    if tmp.exists():  # left by an earlier crash
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path | str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Populate ``dst`` with ``src``'s files: hard links where possible (no extra disk), else copies."""
+    for dirpath, _, files in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            s, d = Path(dirpath) / name, dst / rel / name
+            try:
+                os.link(s, d)
+            except OSError:
+                shutil.copy2(s, d)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | str) -> Iterator[None]:
+    """An exclusive inter-process lock (e.g. two sweep jobs building the same cached merge)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sha256_file(path: Path | str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Files whose content does not define a model/dataset (our own bookkeeping, logs, plots).
+_HASH_EXCLUDE_NAMES = {"manifest.json"}
+_HASH_EXCLUDE_DIRS = {"logs", "checkpoints", ".cache"}
+
+
+def hash_path(path: Path | str) -> str:
+    """Content hash of a file, or of a directory's files (relative names + bytes).
+
+    Large files are hashed once per (path, size, mtime) and remembered in a cache beside the
+    user's cache dir, so re-runs and sweeps do not re-read multi-GB checkpoints.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _cached_file_hash(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if not p.is_file() or p.name in _HASH_EXCLUDE_NAMES or rel.parts[0] in _HASH_EXCLUDE_DIRS:
+            continue
+        h.update(str(rel).encode() + b"\0" + _cached_file_hash(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_HASH_CACHE_FILE = Path(os.environ.get("DUS_HASH_CACHE", Path.home() / ".cache" / "dus-pipeline" / "file_hashes.json"))
+_hash_cache: dict | None = None
+
+
+def _cached_file_hash(p: Path) -> str:
+    global _hash_cache
+    st = p.stat()
+    if st.st_size < (64 << 20):
+        return sha256_file(p)
+    if _hash_cache is None:
+        try:
+            _hash_cache = json.loads(_HASH_CACHE_FILE.read_text())
+        except (OSError, ValueError):
+            _hash_cache = {}
+    key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key not in _hash_cache:
+        _hash_cache[key] = sha256_file(p)
+        try:
+            _HASH_CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(_HASH_CACHE_FILE, _hash_cache)
+        except OSError:
+            pass  # a read-only home only costs re-hashing
+    return _hash_cache[key]
