@@ -87,7 +87,8 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.0
+    # An integer = steps; a float in [0, 1) = share of the total steps (transformers' convention).
+    warmup_steps: float = 0.0
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -147,6 +148,9 @@ class DistributedConfig:
     offload: bool = False
     # DeepSpeed JSON; None = conf/deepspeed/zero{stage}[_offload].json
     deepspeed_config: Optional[str] = None
+    # "accelerate": training stages run under `accelerate launch` with DeepSpeed (the real path).
+    # "inprocess": train in the driver process, one process, no DeepSpeed (quick laptop checks).
+    launcher: str = "accelerate"
     # Extra arguments passed to ``accelerate launch`` verbatim.
     accelerate_args: List[str] = field(default_factory=list)
 

@@ -147,3 +147,81 @@ def load_conversations(
 
 def conversation_key(conv: list[dict]) -> str:
     return json.dumps(conv, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing for continued pretraining
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedBlocks:
+    """Fixed-length blocks cut from the EOS-separated token stream of all records.
+
+    ``position_ids`` restart at 0 at every document start, which transformers turns into a
+    block-diagonal attention mask (flash-attention varlen, sdpa and eager alike): no token attends
+    to another document. ``labels`` are -100 at document starts so no token is trained to be
+    predicted from the previous document.
+    """
+
+    input_ids: list[list[int]]
+    position_ids: list[list[int]]
+    labels: list[list[int]]
+    tokens_total: int  # tokens in the stream before cutting
+    tokens_dropped: int  # the incomplete last block
+
+    def stats(self, pad_token_id: int | None) -> dict:
+        block_tokens = sum(len(b) for b in self.input_ids)
+        real_tokens = sum(sum(1 for t in b if t != pad_token_id) for b in self.input_ids) if pad_token_id is not None else block_tokens
+        return {
+            "blocks": len(self.input_ids),
+            # Share of block positions holding real tokens (stream packing adds no padding).
+            "packing_efficiency": real_tokens / max(block_tokens, 1),
+            # Share of the tokenized corpus that made it into blocks (the tail block is dropped).
+            "tokens_used_fraction": (self.tokens_total - self.tokens_dropped) / max(self.tokens_total, 1),
+            "tokens_in_blocks": block_tokens,
+        }
+
+
+def tokenize_records(tokenizer, records: list[str], *, batch_size: int = 256) -> list[list[int]]:
+    """Token ids per record, wrapped as [bos] + text + [eos] (bos only if the model uses one)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("tokenizer", "has no eos_token: documents cannot be separated", "set tokenizer.eos_token")
+    out: list[list[int]] = []
+    for start in range(0, len(records), batch_size):
+        enc = tokenizer(records[start : start + batch_size], add_special_tokens=False)["input_ids"]
+        out.extend(bos + ids + [eos] for ids in enc)
+    return out
+
+
+def pack_documents(docs: list[list[int]], seq_len: int) -> PackedBlocks:
+    """Concatenate documents and cut into blocks of ``seq_len`` (the incomplete tail is dropped).
+
+    A document split across two blocks continues in the next block as a new segment (positions
+    restart at 0 there) - the standard trade-off of stream packing, and it keeps efficiency ~100%.
+    """
+    if seq_len < 2:
+        raise ConfigError("cpt.seq_len", f"must be >= 2, got {seq_len}")
+    ids_stream: list[int] = []
+    starts: list[bool] = []
+    for doc in docs:
+        ids_stream.extend(doc)
+        starts.extend([True] + [False] * (len(doc) - 1))
+    n_blocks = len(ids_stream) // seq_len
+    input_ids, position_ids, labels = [], [], []
+    for b in range(n_blocks):
+        lo, hi = b * seq_len, (b + 1) * seq_len
+        block = ids_stream[lo:hi]
+        pos, lab = [], []
+        p = 0
+        for i, tok in enumerate(block):
+            if starts[lo + i] or i == 0:
+                p = 0
+            pos.append(p)
+            lab.append(-100 if (starts[lo + i] and i > 0) else tok)
+            p += 1
+        input_ids.append(block)
+        position_ids.append(pos)
+        labels.append(lab)
+    return PackedBlocks(input_ids, position_ids, labels, len(ids_stream), len(ids_stream) - n_blocks * seq_len)

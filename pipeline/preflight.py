@@ -1,0 +1,152 @@
+"""Checks that run before any expensive work, reporting every problem found at once.
+
+A problem is a ``ConfigError`` naming the field or file and what to do. Nothing here trains,
+merges or writes model files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import STAGES, PipelineConfig
+from pipeline.errors import ConfigError
+
+
+class PreflightFailed(ConfigError):
+    def __init__(self, problems: list[ConfigError]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__("preflight", f"{len(problems)} problem(s) found before starting:\n{lines}")
+
+
+def _first_row(path: Path) -> dict | None:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if pf.metadata.num_rows == 0:
+            return None
+        return pf.read_row_group(0).slice(0, 1).to_pylist()[0]
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())
+        return rows[0] if isinstance(rows, list) and rows else None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return json.loads(line)
+    return None
+
+
+def check_data(cfg: PipelineConfig, stages: list[str]) -> None:
+    from pipeline.data import check_data_file
+
+    if "cpt" in stages or "eval" in stages:
+        if not cfg.data.cpt_files:
+            raise ConfigError("data.cpt_files", "is empty", "list the raw-text files for continued pretraining")
+        for name in cfg.data.cpt_files:
+            path = check_data_file(name, field="data.cpt_files")
+            if path.stat().st_size == 0:
+                raise ConfigError("data.cpt_files", f"{name} is empty")
+            if path.suffix != ".txt":
+                row = _first_row(path)
+                if row is None:
+                    raise ConfigError("data.cpt_files", f"{name} has no rows")
+                if cfg.data.text_column not in row:
+                    raise ConfigError("data.text_column", f"'{cfg.data.text_column}' is not a column of {name} "
+                                      f"(columns: {sorted(row)})", "set data.text_column to the text column")
+    if "sft" in stages or "eval" in stages:
+        if not cfg.data.sft_files:
+            raise ConfigError("data.sft_files", "is empty", "list the conversation files for sft")
+        for name in cfg.data.sft_files:
+            path = check_data_file(name, field="data.sft_files")
+            row = _first_row(path) if path.suffix != ".txt" else None
+            if row is None:
+                raise ConfigError("data.sft_files", f"{name} has no rows (or is a .txt file)",
+                                  "give .jsonl/.json/.parquet rows with a messages column")
+            if cfg.data.messages_column not in row:
+                raise ConfigError("data.messages_column", f"'{cfg.data.messages_column}' is not a column of {name} "
+                                  f"(columns: {sorted(row)})",
+                                  "set data.messages_column, or convert the data to chat format")
+    if not 0.0 <= cfg.data.heldout_fraction < 1.0:
+        raise ConfigError("data.heldout_fraction", f"must be in [0, 1), got {cfg.data.heldout_fraction}")
+
+
+def check_base_and_merge(cfg: PipelineConfig, stages: list[str]) -> None:
+    """The base model exists and the slices fit it (for the demo: against the configured depth,
+    since the model is built later)."""
+    if cfg.model.demo is not None:
+        from pipeline.demo import validate_demo_config
+
+        validate_demo_config(cfg.model.demo, cfg.data.heldout_fraction)
+        if "merge" in stages and not cfg.merge.config_file and cfg.merge.merge_method == "passthrough":
+            depth = cfg.model.demo.num_hidden_layers
+            for i, s in enumerate(cfg.merge.slices):
+                for j, src in enumerate(s.sources):
+                    lo, hi = (list(src.layer_range) + [None, None])[:2]
+                    if lo is None or hi is None or not (0 <= lo < hi <= depth):
+                        raise ConfigError(
+                            f"merge.slices[{i}].sources[{j}].layer_range",
+                            f"{list(src.layer_range)} is not a non-empty [start, end) range inside the base model's {depth} layers",
+                            f"use 0 <= start < end <= {depth}",
+                        )
+        return
+    src = cfg.model.name_or_path
+    looks_local = src.startswith((".", "/", "~")) or Path(src).exists()
+    if looks_local and not Path(src).is_dir():
+        raise ConfigError("model.name_or_path", f"model directory {src} does not exist", "fix the path")
+    if looks_local and not (Path(src) / "config.json").is_file():
+        raise ConfigError("model.name_or_path", f"{src} has no config.json: not a Hugging Face model directory")
+    if "merge" in stages:
+        from pipeline.driver import resolved_merge_config
+        from pipeline.merge import validate_merge
+
+        validate_merge(resolved_merge_config(cfg, src), base_model=src, allow_pickle=cfg.model.allow_pickle)
+    if "sft" in stages and cfg.sft.enabled and looks_local:
+        from transformers import AutoTokenizer
+
+        from pipeline.sft import check_chat_template
+
+        tok_src = cfg.merge.tokenizer_source or src
+        if Path(tok_src).is_dir():
+            tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=cfg.model.trust_remote_code)
+            check_chat_template(tok, assistant_only_loss=cfg.sft.assistant_only_loss, source=tok_src)
+
+
+def check_distributed(cfg: PipelineConfig, stages: list[str]) -> None:
+    from pipeline.distributed import validate_distributed
+
+    if any(s in stages for s in ("cpt", "sft")) and cfg.distributed.launcher == "accelerate":
+        validate_distributed(cfg.distributed, cfg.paths.conf_dir)
+    if cfg.distributed.launcher not in ("accelerate", "inprocess"):
+        raise ConfigError("distributed.launcher", f"unknown launcher '{cfg.distributed.launcher}'", "use accelerate or inprocess")
+
+
+def check_eval(cfg: PipelineConfig, stages: list[str]) -> None:
+    bad = [s for s in cfg.eval.stages if s not in STAGES or s == "eval"]
+    if bad:
+        raise ConfigError("eval.stages", f"unknown stage(s) {bad}", "use base, merge, cpt, sft")
+
+
+CHECKS: list[Callable[[PipelineConfig, list[str]], None]] = [
+    check_data, check_base_and_merge, check_distributed, check_eval,
+]
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    from pipeline.driver import selected_stages
+
+    stages = selected_stages(cfg)
+    problems: list[ConfigError] = []
+    for check in CHECKS:
+        try:
+            check(cfg, stages)
+        except PreflightFailed as e:
+            problems.extend(e.problems)
+        except ConfigError as e:
+            problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise PreflightFailed(problems)
