@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from pipeline.merge.config import InputSlice, MergeConfig, OutputSlice  # noqa: F401 (re-export)
 
@@ -133,6 +133,19 @@ class EvalConfig:
     # Cap on held-out tokens scored per model (0 = all).
     max_heldout_tokens: int = 0
     max_sft_heldout_examples: int = 0
+    # lm-evaluation-harness (the `eval` extra). Local tasks dus_mc / dus_corpus_ppl run offline.
+    use_harness: bool = True
+    harness_tasks: List[str] = field(default_factory=lambda: ["dus_mc", "dus_corpus_ppl"])
+    # task -> number of few-shot examples; unlisted tasks use their YAML default.
+    harness_num_fewshot: Dict[str, int] = field(default_factory=dict)
+    harness_limit: Optional[float] = None
+    # None = batch_size; "auto" lets lm-eval find the largest batch that fits the GPU.
+    harness_batch_size: Optional[str] = None
+    harness_device: Optional[str] = None
+    harness_include_path: Optional[str] = None
+    harness_mc_file: str = str(REPO_ROOT / "data" / "demo" / "mc_eval.jsonl")
+    # task -> metric averaged into harness/average (the leaderboard's average).
+    harness_average: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -25,7 +25,9 @@ def to_typed(cfg) -> PipelineConfig:
     """DictConfig (Hydra) -> PipelineConfig dataclass, with a readable error on bad values."""
     try:
         schema = OmegaConf.structured(PipelineConfig)
-        merged = OmegaConf.merge(schema, cfg)
+        # Re-validate from plain values: Hydra's `+key=value` override can add a key to a typed node.
+        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+        merged = OmegaConf.merge(schema, plain)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config key {getattr(e, 'full_key', '?')}", str(e).splitlines()[0],

@@ -534,8 +534,15 @@ def run_lm_eval(
     tasks = list(tasks)
     if not tasks:
         raise ConfigError("eval.harness_tasks", "no tasks given", "list lm-eval task names, e.g. [dus_mc]")
-    if isinstance(batch_size, str) and batch_size.isdigit():
+    for field_name, per_task in (("eval.harness_num_fewshot", num_fewshot), ("eval.harness_average", average)):
+        stray = sorted(set(per_task) - set(tasks)) if isinstance(per_task, Mapping) else []
+        if stray:
+            raise ConfigError(field_name, f"names tasks that are not run: {', '.join(stray)}",
+                              f"list them in eval.harness_tasks ({', '.join(tasks)}) or remove them")
+    if isinstance(batch_size, str) and batch_size.strip().isdigit():
         batch_size = int(batch_size)
+    if isinstance(limit, float) and limit >= 1 and limit.is_integer():
+        limit = int(limit)
     extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="dus-lm-eval-") as tmp:

@@ -79,15 +79,21 @@ def training_flops_per_token(config, n_params: int, seq_len: int) -> float:
 
 
 def load_causal_lm(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool):
+    """Load a model for training. ``use_cache`` is turned off: transformers only derives the
+    per-document (packed) attention mask from ``position_ids`` when no KV cache exists, and with
+    ``use_cache=True`` it creates one even in training - packed documents would then attend to each
+    other. The exported model gets ``use_cache=True`` back (``_finalize_model_files``)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=torch.bfloat16 if bf16 else torch.float32,
         attn_implementation=attn,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
+    model.config.use_cache = False
+    return model
 
 
 def trainer_kwargs(tc: TrainConfig, *, output_dir: Path, ds_config: dict | None, bf16: bool) -> dict[str, Any]:
@@ -184,7 +190,7 @@ def fixed_batch_loss(model, batch: dict[str, list[list[int]]]) -> float:
     model.eval()
     device = next(model.parameters()).device
     tensors = {k: torch.tensor(v, device=device) for k, v in batch.items()}
-    loss = model(**tensors).loss.float().item()
+    loss = model(**tensors, use_cache=False).loss.float().item()
     model.train(was_training)
     return loss
 

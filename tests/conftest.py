@@ -1,5 +1,6 @@
 """Shared pytest fixtures: a tiny tokenizer and a tiny Mistral base model, each built once per session.
 
+* ``tiny_heldout_fraction``: the held-out share both are built with (split their corpus with it).
 * ``tiny_demo_config``: the ``DemoModelConfig`` both are built from (a corpus slice, 4 layers).
 * ``tiny_tokenizer_dir``: byte-level BPE (vocab 512) with the demo's special tokens and chat template.
 * ``tiny_base_model_dir``: ``MistralForCausalLM`` (hidden 64, 4 layers, 4 heads, 2 kv heads,
@@ -45,6 +46,11 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_heldout_fraction() -> float:
+    return TINY_HELDOUT_FRACTION
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_HELDOUT_FRACTION
 from pipeline import demo
 from pipeline.errors import ConfigError
 
@@ -201,7 +200,7 @@ def test_base_model_loads_with_auto_classes(tiny_base_model_dir, tiny_demo_confi
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_short_pretraining_lowers_the_loss(tiny_base_model_build, tiny_demo_config):
+def test_short_pretraining_lowers_the_loss(tiny_base_model_build, tiny_demo_config, tiny_heldout_fraction):
     d, metrics = tiny_base_model_build
     rows = json.loads((d / demo.TRAIN_LOG_FILE).read_text())
     assert [r["step"] for r in rows] == list(range(1, tiny_demo_config.train_steps + 1))
@@ -215,7 +214,7 @@ def test_short_pretraining_lowers_the_loss(tiny_base_model_build, tiny_demo_conf
     assert metrics["num_params"] > 0 and metrics["wall_time_s"] > 0
     info = json.loads((d / demo.DEMO_BUILD_FILE).read_text())
     assert info["metrics"]["heldout_loss"] == pytest.approx(metrics["heldout_loss"])
-    assert info["heldout_fraction"] == TINY_HELDOUT_FRACTION
+    assert info["heldout_fraction"] == tiny_heldout_fraction
 
 
 def test_build_is_deterministic(tiny_demo_config, tiny_tokenizer_dir, tmp_path):
