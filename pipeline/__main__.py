@@ -24,6 +24,17 @@ def _hydra_main():
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
     def app(dict_cfg) -> float | None:
+        # Handled here: Hydra would otherwise print a traceback for what is a user's config error.
+        try:
+            return _run(dict_cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except StageFailed as e:
+            print(f"failed: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    def _run(dict_cfg) -> float | None:
         from pipeline.configio import to_typed
         from pipeline.distributed import under_launcher
 
@@ -49,14 +60,7 @@ def main() -> None:
     # Only rank 0 writes Hydra's .hydra/ files: ranks racing on them is hydra#2070.
     if os.environ.get("RANK", "0") != "0":
         sys.argv.append("hydra.output_subdir=null")
-    try:
-        _hydra_main()()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except StageFailed as e:
-        print(f"failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    _hydra_main()()
 
 
 if __name__ == "__main__":

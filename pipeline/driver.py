@@ -63,7 +63,24 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
             results = run_eval_stage(cfg)
         log(f"{stage}: {time.time() - t0:.1f}s")
+    report_end(cfg, results)
     return results
+
+
+def report_end(cfg: PipelineConfig, results: dict) -> None:
+    """Print the results table and the path of the final model."""
+    from pipeline.manifest import latest_model_stage
+
+    if results.get("eval_dir"):
+        table = Path(results["eval_dir"]) / "results.md"
+        if table.is_file():
+            print("\n" + table.read_text(), flush=True)
+        log(f"plots: {Path(results['eval_dir']) / 'training.png'}, {Path(results['eval_dir']) / 'tasks.png'}")
+    try:
+        stage, manifest = latest_model_stage(cfg.paths.run_dir, "eval")
+        log(f"final model: {resolve_model_dir(cfg.paths.run_dir, stage, manifest)}")
+    except ConfigError:
+        pass
 
 
 # --------------------------------------------------------------------------------------------- base

@@ -97,6 +97,10 @@ def heldout_perplexity(
         raise ConfigError("eval.batch_size", f"must be >= 1, got {batch_size}")
     if not texts:
         raise ConfigError("eval", "no held-out text records to score", "set data.heldout_fraction > 0")
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_positions, int) and seq_len > max_positions:
+        raise ConfigError("eval.seq_len", f"{seq_len} is longer than the model's {max_positions} positions",
+                          f"set eval.seq_len <= {max_positions}")
     stream: list[int] = []
     is_target: list[bool] = []
     bos = tokenizer.bos_token_id
@@ -278,29 +282,27 @@ def is_offline() -> bool:
     return _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
 
 
-def _hf_home() -> Path:
+def _datasets_cache() -> Path:
+    """HF_DATASETS_CACHE as ``datasets`` resolves it (read now, so tests and callers can point it)."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser()
+        return Path(os.environ["HF_HOME"]).expanduser() / "datasets"
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface"
-
-
-def _cache_dirs() -> tuple[Path, Path]:
-    """(datasets cache, hub cache), resolved from the environment like datasets / huggingface_hub do."""
-    datasets_cache = os.environ.get("HF_DATASETS_CACHE")
-    hub_cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    return (
-        Path(datasets_cache).expanduser() if datasets_cache else _hf_home() / "datasets",
-        Path(hub_cache).expanduser() if hub_cache else _hf_home() / "hub",
-    )
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "datasets"
 
 
 _PACKAGED_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "sql", "webdataset", "xml"}
 
 
-def _dataset_available(path: str, dataset_kwargs: dict | None) -> bool:
-    """Whether ``datasets.load_dataset(path, ...)`` can work offline. A cheap check: a hub dataset
-    counts as available when any cache holds its repo (a partial download still fails later)."""
+def _dataset_available(path: str, name: str | None, dataset_kwargs: dict | None) -> bool:
+    """Whether ``datasets.load_dataset(path, name, ...)`` can work offline.
+
+    Offline, datasets 5.x does not read the hub cache: it only reuses a dataset prepared before in
+    the datasets cache, ``<HF_DATASETS_CACHE>/<owner>___<name>/<config>/<version>/<hash>/``
+    (``datasets.packaged_modules.cache``), which is what this looks for. Local builders (json,
+    csv, ...) need their data files to exist.
+    """
     if path in _PACKAGED_BUILDERS:
         files = (dataset_kwargs or {}).get("data_files")
         names = [files] if isinstance(files, str) else (
@@ -309,10 +311,11 @@ def _dataset_available(path: str, dataset_kwargs: dict | None) -> bool:
         return all("://" in f or Path(f).exists() for f in names)
     if Path(path).expanduser().exists():
         return True
-    datasets_cache, hub_cache = _cache_dirs()
-    return (hub_cache / f"datasets--{path.replace('/', '--')}").is_dir() or (
-        datasets_cache / path.replace("/", "___")
-    ).is_dir()
+    from datasets.naming import camelcase_to_snakecase
+
+    *owner, repo = path.split("/")
+    root = _datasets_cache() / "___".join([*owner, camelcase_to_snakecase(repo)])
+    return any(p.is_dir() for p in root.glob(f"{name or '*'}/*/*"))
 
 
 def _leaf_datasets(name_or_cfg, index, seen: set) -> list[tuple[str, str | None, dict | None]]:
@@ -352,55 +355,50 @@ def _leaf_datasets(name_or_cfg, index, seen: set) -> list[tuple[str, str | None,
 def check_tasks_available(
     tasks: Sequence[str], *, task_manager=None, include_path: str | Sequence[str] | None = None
 ) -> None:
-    """Fail before any model is loaded when the tasks cannot run offline.
+    """Fail before any model is loaded when the harness tasks cannot run: call it in preflight.
 
-    Online (neither HF_HUB_OFFLINE nor HF_DATASETS_OFFLINE set) this does nothing: lm-eval
-    downloads what it needs. Offline, it walks lm-eval's task index (groups such as ``mmlu`` down
-    to their subtasks) and raises ``ConfigError`` naming the tasks whose datasets are in no local
-    cache (``HF_DATASETS_CACHE``, ``HF_HUB_CACHE``), with how to fix it. Unknown task names are
-    reported too. The local tasks (``dus_mc``, ``dus_corpus_ppl``) read local files and pass when
-    no ``task_manager`` is given (``run_lm_eval`` checks their files).
+    Raises ``ConfigError`` when lm-eval is not installed, when a task name is unknown, and, offline
+    (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set), when the datasets (and configs) of a task are not
+    prepared in the datasets cache (``_dataset_available``): it walks lm-eval's task index (groups
+    such as ``mmlu`` down to their subtasks, reading YAML only) and names the tasks and datasets
+    missing, and how to fix it. Online, lm-eval downloads what it needs. The local tasks
+    (``dus_mc``, ``dus_corpus_ppl``) always pass here (``run_lm_eval`` checks their files); with
+    only those, nothing is indexed (indexing lm-eval's built-in tasks takes a few seconds).
     """
-    if not is_offline():
-        return
     _require_lm_eval()
-    tasks = list(tasks)
-    skip: set[str] = set()
+    public = [t for t in tasks if t not in LOCAL_TASKS]
+    if not public:
+        return
     if task_manager is None:
         from lm_eval.tasks import TaskManager
 
-        skip = set(LOCAL_TASKS)  # not in lm-eval's index; run_lm_eval checks their files
-        if all(t in skip for t in tasks):
-            return
         task_manager = TaskManager(include_path=include_path)
     index = task_manager.task_index
-    tasks = [t for t in tasks if not (t in skip and t not in index)]
-    unknown = [t for t in tasks if t not in index]
+    unknown = [t for t in public if t not in index]
     if unknown:
         raise ConfigError(
             "eval.harness_tasks", f"unknown lm-eval task(s): {', '.join(unknown)}",
             "check the names (`lm-eval ls tasks`) or add their YAML directory as eval.harness_include_path",
         )
+    if not is_offline():
+        return
     missing: dict[str, list[str]] = {}
-    for task in tasks:
+    for task in public:
         for path, _name, kwargs in _leaf_datasets(task, index, set()):
-            if not _dataset_available(path, kwargs):
+            if not _dataset_available(path, _name, kwargs):
                 missing.setdefault(task, [])
                 if path not in missing[task]:
                     missing[task].append(path)
     if missing:
         flags = [n for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _env_true(n)]
-        datasets_cache, hub_cache = _cache_dirs()
         what = "; ".join(f"{t} ({', '.join(p)})" for t, p in missing.items())
-        repos = sorted({p for ps in missing.values() for p in ps})
         raise ConfigError(
             "eval.harness_tasks",
             f"running offline ({', '.join(f'{n}=1' for n in flags)}) and the datasets of these lm-eval tasks are "
-            f"not in the local cache ({hub_cache}, {datasets_cache}): {what}",
-            "run the evaluation once with network access (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE) so "
-            "lm-eval downloads and caches them, or pre-download them into this cache where there is network "
-            f"(`hf download --repo-type dataset REPO` for REPO in {' '.join(repos)}); "
-            "or evaluate on the local tasks only (eval=default)",
+            f"not in the datasets cache {_datasets_cache()}: {what}",
+            "run the evaluation once with network access (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE; same "
+            "HF_HOME / HF_DATASETS_CACHE) so lm-eval downloads and prepares them, or copy a datasets cache where "
+            "that has been done; or evaluate on the local tasks only (eval=default)",
         )
 
 
@@ -550,20 +548,25 @@ def run_lm_eval(
         task_manager = _task_manager(tasks, [str(local), *map(str, extra)])
         check_tasks_available(tasks, task_manager=task_manager)
 
-        lm = HFLM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype, **dict(model_args or {}))
         runs: dict[int | None, list[str]] = defaultdict(list)
         for task in tasks:
             shots = num_fewshot.get(task) if isinstance(num_fewshot, Mapping) else num_fewshot
             runs[shots].append(task)
+        lm = HFLM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype, **dict(model_args or {}))
         metrics: dict[str, float] = {}
-        for shots, names in runs.items():
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=task_manager,
-                bootstrap_iters=bootstrap_iters, log_samples=False,
-            )
-            if out is None:  # not rank 0 under a data-parallel launch
-                return {}
-            metrics.update(flatten_lm_eval_results(out, names))
+        try:
+            for shots, names in runs.items():
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=task_manager,
+                    bootstrap_iters=bootstrap_iters, log_samples=False,
+                )
+                if out is None:  # not rank 0 under a data-parallel launch
+                    return {}
+                metrics.update(flatten_lm_eval_results(out, names))
+        finally:
+            del lm
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if average:
         avg = average_metrics(metrics, average)
         if avg is not None:
@@ -800,6 +803,7 @@ def plot_training(stage_logs: Mapping[str, list[dict]], eval_ppl: Mapping[str, f
     ax.set_xlabel("optimizer step (cpt steps, then sft steps)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_xlim(left=-0.03 * max(offset, 1), right=max(offset, 1) * 1.12)
+    ax.margins(y=0.12)
     sec = ax.secondary_yaxis("right", functions=(np.exp, lambda p: np.log(np.clip(p, 1e-300, None))))
     sec.set_yticks(_perplexity_ticks(*ax.get_ylim()))
     sec.set_ylabel("perplexity = exp(loss)")

@@ -11,7 +11,6 @@ from pipeline.data import conversation_key, load_conversations, split_records
 from pipeline.errors import ConfigError
 from pipeline.train import RecordingCollator, load_causal_lm, trainer_kwargs
 
-GENERATION_MARKER = "{% generation %}"
 FIXED_BATCH_EXAMPLES = 4
 
 
@@ -22,7 +21,9 @@ def check_chat_template(tokenizer, *, assistant_only_loss: bool, source: str) ->
             f"tokenizer of {source}", "has no chat template",
             "use a tokenizer with a chat template, or set tokenizer.chat_template before sft",
         )
-    if assistant_only_loss and GENERATION_MARKER not in template:
+    from pipeline.evaluate import has_generation_markers
+
+    if assistant_only_loss and not has_generation_markers(template):
         raise ConfigError(
             "sft.assistant_only_loss",
             f"the chat template of {source} has no {{% generation %}} / {{% endgeneration %}} markers, so "

@@ -88,6 +88,8 @@ def test_heldout_perplexity_rejects_bad_arguments(model_and_tokenizer):
     model, tok = model_and_tokenizer
     with pytest.raises(ConfigError, match="seq_len"):
         ev.heldout_perplexity(model, tok, ["some text"], seq_len=1, batch_size=1)
+    with pytest.raises(ConfigError, match="longer than the model's"):
+        ev.heldout_perplexity(model, tok, ["some text"], seq_len=model.config.max_position_embeddings + 1, batch_size=1)
     with pytest.raises(ConfigError, match="no held-out"):
         ev.heldout_perplexity(model, tok, [], seq_len=8, batch_size=1)
 
@@ -172,7 +174,7 @@ def test_run_lm_eval_rejects_bad_task_settings(tmp_path):
 
 def test_leaderboard_offline_fails_before_loading_the_model(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
+    for name in ("HF_DATASETS_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -190,13 +192,21 @@ def test_leaderboard_offline_fails_before_loading_the_model(tmp_path, monkeypatc
     for task in tasks:
         assert task in message
 
-    # Online: nothing to check (lm-eval downloads). Cached: the check passes.
+    # Online: names are checked, datasets are not (lm-eval downloads them). Offline and cached: passes.
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager()
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    ev.check_tasks_available(["arc_challenge"])
+    ev.check_tasks_available(["arc_challenge", "dus_mc"], task_manager=task_manager)
+    with pytest.raises(ConfigError, match="unknown lm-eval task.*arc_challange"):
+        ev.check_tasks_available(["arc_challange"], task_manager=task_manager)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    (tmp_path / "hf_home" / "hub" / "datasets--allenai--ai2_arc").mkdir(parents=True)
-    ev.check_tasks_available(["arc_challenge", "dus_mc"])
+    # Where datasets 5.x looks offline: a prepared copy, per config.
+    (tmp_path / "hf_home" / "datasets" / "allenai___ai2_arc" / "ARC-Challenge" / "0.0.0" / "0123abcd").mkdir(parents=True)
+    with pytest.raises(ConfigError) as err:
+        ev.check_tasks_available(["arc_challenge", "arc_easy", "dus_mc"], task_manager=task_manager)
+    assert "arc_easy (allenai/ai2_arc)" in str(err.value) and "arc_challenge" not in str(err.value)
 
 
 def test_flatten_lm_eval_results_and_average():

@@ -113,7 +113,7 @@ class ShardEntry:
     dtype: str
     shape: Tuple[int, ...]
     nbytes: int
-    offset: int = 0  # absolute, filled by ``layout_shard``
+    offset: int = -1  # absolute, set by ``layout_shard``
 
 
 @dataclass
@@ -134,6 +134,7 @@ def layout_shard(file_name: str, entries: List[ShardEntry], metadata: Optional[D
     pos = 0
     for e in entries:
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+        e.offset = pos
         pos += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % HEADER_ALIGN)  # data section 8-byte aligned, as safetensors does

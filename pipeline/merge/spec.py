@@ -139,6 +139,10 @@ def spec_from_mapping(data: Dict[str, Any], *, where: str, base_model: Optional[
         setattr(spec, key, value)
     spec.tokenizer_source = _opt_str(data.get("tokenizer_source"), at("tokenizer_source"))
     spec.chat_template = _opt_str(data.get("chat_template"), at("chat_template"))
+    if spec.chat_template is not None and "{" not in spec.chat_template:
+        raise ConfigError(at("chat_template"), f"{spec.chat_template!r} is not a Jinja template; mergekit's named "
+                          "templates (chatml, llama3, alpaca, ...) and 'auto' are not bundled here",
+                          "paste the template text, or leave it unset to keep the tokenizer source's template")
     allowed = METHOD_PARAMETERS[method]
     spec.parameters = _parameters(data.get("parameters"), at("parameters"), allowed)
     for key in METHOD_ONLY_FIELDS:

@@ -1,0 +1,143 @@
+"""The whole pipeline through its real entry point (`python -m pipeline`), with tiny settings:
+demo base built from scratch -> merge 8 -> 12 layers -> cpt and sft on 2 processes with DeepSpeed
+ZeRO-3 over gloo -> eval. Then what a user does next: re-run (everything skipped), launch one
+stage with `accelerate launch -m pipeline`, sweep."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_overrides(data_dir: Path, out: Path) -> list[str]:
+    return [
+        f"paths.output_root={out}", f"paths.cache_dir={out}/cache", "run_name=tiny",
+        f"data.cpt_files=[{data_dir}/corpus.txt]", f"data.sft_files=[{data_dir}/instructions.jsonl]",
+        f"model.demo.corpus={data_dir}/corpus.txt", f"model.demo.tokenizer_files=[{data_dir}/instructions.jsonl]",
+        "model.demo.vocab_size=512", "model.demo.hidden_size=64", "model.demo.intermediate_size=128",
+        "model.demo.max_position_embeddings=256", "model.demo.seq_len=64", "model.demo.batch_size=8",
+        "model.demo.train_steps=40",
+        "cpt.seq_len=64", "cpt.per_device_train_batch_size=4", "cpt.max_steps=6", "cpt.save_steps=3",
+        "cpt.logging_steps=2",
+        "sft.max_length=128", "sft.per_device_train_batch_size=4", "sft.max_steps=4", "sft.save_steps=2",
+        "sft.logging_steps=2",
+        "eval.seq_len=64", "eval.use_harness=false",
+    ]
+
+
+def run_cli(args: list[str], *, launcher: list[str] | None = None, check=True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = (launcher or [sys.executable]) + ["-m", "pipeline", *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, tiny_data_dir):
+    out = tmp_path_factory.mktemp("e2e")
+    overrides = tiny_overrides(tiny_data_dir, out)
+    proc = run_cli(overrides)
+    return out / "tiny", overrides, proc
+
+
+def manifest(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / name / "manifest.json").read_text())
+
+
+def test_every_stage_hands_off_through_manifests(demo_run):
+    run_dir, _, proc = demo_run
+    assert sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit()) == [
+        "00_base", "01_merge", "02_cpt", "03_sft", "04_eval"]
+    assert not list(run_dir.glob(".*partial"))
+    merge, cpt, sft = (manifest(run_dir, n) for n in ("01_merge", "02_cpt", "03_sft"))
+    # Each stage's input is the previous stage's output, named by the previous manifest's key.
+    assert cpt["inputs"][0]["stage"] == "merge" and cpt["inputs"][0]["sha256"] == merge["key"]
+    assert sft["inputs"][0]["stage"] == "cpt" and sft["inputs"][0]["sha256"] == cpt["key"]
+    for m in (merge, cpt, sft):
+        assert m["versions"]["torch"] and m["wall_time_s"] > 0 and m["config"]
+    assert "final model:" in proc.stdout and str(run_dir / "03_sft") in proc.stdout
+
+
+def test_merged_model_has_the_new_depth(demo_run):
+    from transformers import AutoConfig
+
+    run_dir, _, _ = demo_run
+    assert AutoConfig.from_pretrained(run_dir / "00_base" / ".." / manifest(run_dir, "00_base")["model_dir"]).num_hidden_layers == 8
+    assert AutoConfig.from_pretrained(run_dir / "01_merge").num_hidden_layers == 12
+    assert AutoConfig.from_pretrained(run_dir / "03_sft").num_hidden_layers == 12
+
+
+@pytest.mark.parametrize("stage", ["02_cpt", "03_sft"])
+def test_training_ran_on_two_distinct_ranks_with_sharded_data(demo_run, stage):
+    run_dir, _, _ = demo_run
+    records = [json.loads((run_dir / stage / "logs" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["world_size"] == 2 for r in records)
+    assert records[0]["pid"] != records[1]["pid"]
+    served = [set(r["served_indices"]) for r in records]
+    assert served[0] and served[1] and not served[0] & served[1], "both ranks trained on the same examples"
+    m = manifest(run_dir, stage)["metrics"]
+    assert m["world_size"] == 2 and m["zero_stage"] == 3
+
+
+@pytest.mark.parametrize("stage", ["02_cpt", "03_sft"])
+def test_zero3_export_reloads_with_the_trained_loss(demo_run, stage):
+    """The hand-off check happened (fresh process) and the directory loads with plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.train import fixed_batch_loss
+
+    run_dir, _, _ = demo_run
+    v = manifest(run_dir, stage)["metrics"]["verification"]
+    assert v["abs_diff"] <= v["rtol"] * abs(v["trained_fixed_batch_loss"])
+    model = AutoModelForCausalLM.from_pretrained(run_dir / stage, dtype=torch.float32)
+    batch = json.loads((run_dir / stage / "logs" / "fixed_batch.json").read_text())
+    assert fixed_batch_loss(model, batch) == pytest.approx(v["trained_fixed_batch_loss"], rel=1e-4)
+    assert not (run_dir / stage / "training_args.bin").exists()  # no pickles in the export
+    assert model.config.use_cache is True
+
+
+def test_eval_writes_table_and_plots(demo_run):
+    run_dir, _, proc = demo_run
+    results = json.loads((run_dir / "04_eval" / "results.json").read_text())
+    assert set(results["stages"]) == {"base", "merge", "cpt", "sft"}
+    for stage, metrics in results["stages"].items():
+        assert metrics["heldout/perplexity"] > 1
+    assert (run_dir / "04_eval" / "results.md").read_text().count("|") > 10
+    for png in ("training.png", "tasks.png"):
+        assert (run_dir / "04_eval" / png).stat().st_size > 5000
+    assert "heldout" in proc.stdout  # the table is printed
+
+
+def test_second_run_skips_every_stage(demo_run):
+    run_dir, overrides, _ = demo_run
+    before = {p: (run_dir / p / "manifest.json").stat().st_mtime_ns for p in ("01_merge", "02_cpt", "03_sft", "04_eval")}
+    proc = run_cli(overrides)
+    for stage in ("base", "merge", "cpt", "sft", "eval"):
+        assert f"{stage}: up to date" in proc.stdout
+    assert before == {p: (run_dir / p / "manifest.json").stat().st_mtime_ns for p in before}
+
+
+def test_user_launched_accelerate_runs_one_stage_on_every_rank(demo_run, tmp_path):
+    """`accelerate launch --config_file conf/accelerate/zero3_single_node.yaml -m pipeline stage=cpt`"""
+    run_dir, overrides, _ = demo_run
+    import shutil
+
+    shutil.rmtree(run_dir / "02_cpt")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO_ROOT / "conf/accelerate/zero3_single_node.yaml"), "--num_processes", "2",
+                "--main_process_port", "29533", "--mixed_precision", "no"]
+    run_cli([*overrides, "stage=cpt", "cpt.max_steps=2"], launcher=launcher)
+    records = [json.loads((run_dir / "02_cpt" / "logs" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
+    assert manifest(run_dir, "02_cpt")["metrics"]["global_step"] == 2
