@@ -61,10 +61,10 @@ def _manual_heldout_nll(model, tok, texts, seq_len):
             if len(window) < 2:
                 continue
             logp = model(input_ids=torch.tensor([window])).logits[0].log_softmax(-1)
-            for i in range(1, len(window)):
-                if target[lo + i]:
-                    nll -= logp[i - 1, window[i]].item()
-                    n += 1
+            token_logp = logp[torch.arange(len(window) - 1), torch.tensor(window[1:])]  # log p(t_i | t_<i)
+            keep = torch.tensor(target[lo + 1 : lo + len(window)])
+            nll -= token_logp[keep].double().sum().item()
+            n += int(keep.sum())
     return nll, n
 
 
@@ -107,11 +107,11 @@ def test_assistant_token_loss_counts_only_assistant_tokens(model_and_tokenizer, 
             enc = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
             ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
             logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+            token_logp = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            nll -= token_logp[keep].double().sum().item()
+            n += int(keep.sum())
             n_all += len(ids) - 1
-            for i in range(1, len(ids)):
-                if mask[i]:
-                    nll -= logp[i - 1, ids[i]].item()
-                    n += 1
     assert out["tokens"] == n and out["examples"] == len(conversations)
     assert out["loss"] == pytest.approx(nll / n, rel=1e-5)
     assert out["perplexity"] == pytest.approx(math.exp(out["loss"]), rel=1e-9)
