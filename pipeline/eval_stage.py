@@ -6,6 +6,7 @@ cpt and sft with each stage's held-out perplexity) and ``tasks.png`` (per metric
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,21 +49,37 @@ def run_eval_stage(cfg: PipelineConfig) -> dict:
     # sequences (and losses) are comparable across stages.
     chat_tok = models["sft"][0] if "sft" in models else next(iter(models.values()))[0]
 
+    harness = cfg.eval.use_harness and bool(cfg.eval.harness_tasks)
     results: dict[str, dict] = {}
-    for stage, (model_dir, _) in models.items():
-        print(f"[dus] eval: {stage} ({model_dir})", flush=True)
-        results[stage] = ev.evaluate_model(
-            model_dir, heldout_texts=heldout_texts, heldout_conversations=heldout_convs,
-            seq_len=cfg.eval.seq_len, batch_size=cfg.eval.batch_size, max_heldout_tokens=cfg.eval.max_heldout_tokens,
-            max_length=cfg.sft.max_length, max_sft_examples=cfg.eval.max_sft_heldout_examples,
-            chat_tokenizer_dir=chat_tok, trust_remote_code=cfg.model.trust_remote_code,
-        )
+    with tempfile.TemporaryDirectory() as scratch:
+        data_files = {"dus_mc": cfg.eval.harness_mc_file,
+                      "dus_corpus_ppl": str(ev.write_text_jsonl(heldout_texts, Path(scratch) / "heldout_corpus.jsonl"))}
+        for stage, (model_dir, _) in models.items():
+            print(f"[dus] eval: {stage} ({model_dir})", flush=True)
+            results[stage] = ev.evaluate_model(
+                model_dir, heldout_texts=heldout_texts, heldout_conversations=heldout_convs,
+                seq_len=cfg.eval.seq_len, batch_size=cfg.eval.batch_size, max_heldout_tokens=cfg.eval.max_heldout_tokens,
+                max_length=cfg.sft.max_length, max_sft_examples=cfg.eval.max_sft_heldout_examples,
+                chat_tokenizer_dir=chat_tok, trust_remote_code=cfg.model.trust_remote_code,
+            )
+            if harness:
+                results[stage].update(ev.run_lm_eval(
+                    model_dir, tasks=list(cfg.eval.harness_tasks), include_path=cfg.eval.harness_include_path,
+                    batch_size=cfg.eval.harness_batch_size or cfg.eval.batch_size, device=cfg.eval.harness_device,
+                    num_fewshot=dict(cfg.eval.harness_num_fewshot) or None, limit=cfg.eval.harness_limit,
+                    data_files=data_files, average=dict(cfg.eval.harness_average) or None,
+                    model_args={"trust_remote_code": cfg.model.trust_remote_code},
+                ))
+    chance = {}
+    if harness and "dus_mc" in cfg.eval.harness_tasks:
+        c = ev.mc_chance_accuracy(cfg.eval.harness_mc_file)
+        chance = {"dus_mc/acc": c, "dus_mc/acc_norm": c}
     with atomic_output_dir(final, overwrite=True) as tmp:
-        ev.write_results(results, tmp)
+        ev.write_results(results, tmp, chance=chance)
         logs = {s: ev.read_log_history(stage_dir(cfg.paths.run_dir, s)) for s in ("cpt", "sft") if s in models}
         ppl = {s: r[f"{ev.HELDOUT}/perplexity"] for s, r in results.items() if f"{ev.HELDOUT}/perplexity" in r}
         ev.plot_training(logs, ppl, tmp / "training.png")
-        ev.plot_tasks(results, tmp / "tasks.png")
+        ev.plot_tasks(results, tmp / "tasks.png", chance=chance)
         manifest = write_manifest(tmp, stage="eval", key=key, inputs=inputs, config={"eval": asdict(cfg.eval)},
                                   metrics=results, started_at=started, model_dir=None)
     return _summary(manifest["metrics"], final)

@@ -127,6 +127,11 @@ def check_eval(cfg: PipelineConfig, stages: list[str]) -> None:
     bad = [s for s in cfg.eval.stages if s not in STAGES or s == "eval"]
     if bad:
         raise ConfigError("eval.stages", f"unknown stage(s) {bad}", "use base, merge, cpt, sft")
+    if "eval" in stages and cfg.eval.enabled and cfg.eval.use_harness and cfg.eval.harness_tasks:
+        from pipeline.evaluate import check_tasks_available
+
+        # Offline without the datasets cached (e.g. eval=leaderboard), fail now, not after training.
+        check_tasks_available(list(cfg.eval.harness_tasks), include_path=cfg.eval.harness_include_path)
 
 
 CHECKS: list[Callable[[PipelineConfig, list[str]], None]] = [

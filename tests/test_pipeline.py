@@ -141,3 +141,23 @@ def test_user_launched_accelerate_runs_one_stage_on_every_rank(demo_run, tmp_pat
     records = [json.loads((run_dir / "02_cpt" / "logs" / f"rank_{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
     assert manifest(run_dir, "02_cpt")["metrics"]["global_step"] == 2
+
+
+def test_multirun_runs_two_pipelines_and_reuses_the_merge(tmp_path, tiny_data_dir):
+    """`python -m pipeline -m cpt.learning_rate=...`: two complete pipelines in separate run
+    directories; the identical merge is computed once (training in-process to keep CI short: the
+    2-process path is covered above)."""
+    overrides = [o for o in tiny_overrides(tiny_data_dir, tmp_path) if not o.startswith("run_name")]
+    proc = run_cli(["-m", *overrides, "run_name=sweep", "distributed=inprocess", "cpt.max_steps=2",
+                    "sft.max_steps=2", "cpt.learning_rate=1e-3,2e-3"])
+    jobs = [tmp_path / "sweep_multirun" / str(i) for i in (0, 1)]
+    lrs = []
+    for job in jobs:
+        assert (job / "04_eval" / "results.json").is_file(), proc.stdout[-2000:]
+        lrs.append(manifest(job, "02_cpt")["config"]["cpt"]["learning_rate"])
+    assert sorted(lrs) == [1e-3, 2e-3]
+    merges = [manifest(job, "01_merge")["metrics"] for job in jobs]
+    assert merges[0]["reused_from_cache"] is None and merges[1]["reused_from_cache"]
+    shards = [next((job / "01_merge").glob("*.safetensors")) for job in jobs]
+    assert shards[0].stat().st_ino == shards[1].stat().st_ino  # one copy on disk, linked into both runs
+    assert proc.stdout.count("reusing identical merge") == 1
