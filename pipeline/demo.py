@@ -201,12 +201,13 @@ def pack_records(tokenizer, records: Sequence[str]):
     """One long 1-D LongTensor: ``<s> record </s>`` for each record, in order."""
     import torch
 
-    enc = tokenizer(list(records), add_special_tokens=False)["input_ids"]
+    # The backend directly: whole records are longer than model_max_length, which is fine here.
+    enc = tokenizer.backend_tokenizer.encode_batch(list(records), add_special_tokens=False)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     out: list[int] = []
-    for ids in enc:
+    for e in enc:
         out.append(bos)
-        out.extend(ids)
+        out.extend(e.ids)
         out.append(eos)
     return torch.tensor(out, dtype=torch.long)
 

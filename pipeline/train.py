@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,8 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
     from transformers import AutoTokenizer
 
     started = time.time()
+    # DeepSpeed calls a torch API deprecated in 2.13 on every ZeRO step; one line per step buries the logs.
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
     state = init_distributed_state()
     is_main, rank, world = state.is_main_process, state.process_index, state.num_processes
     tc = getattr(cfg, stage)

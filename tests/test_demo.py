@@ -54,7 +54,7 @@ def test_tokenizer_files_and_round_trip(tiny_tokenizer_dir):
     assert ids[1:] == _ids(tok, "hear me speak")
     # the trained merges compress English text
     text = ROUND_TRIP_TEXTS[0]
-    assert len(_ids(tok, text)) < len(text.encode()) / 2
+    assert len(_ids(tok, text)) < len(text.encode()) / 1.5
 
 
 def test_special_tokens(tiny_tokenizer_dir):
@@ -206,8 +206,8 @@ def test_short_pretraining_lowers_the_loss(tiny_base_model_build, tiny_demo_conf
     assert [r["step"] for r in rows] == list(range(1, tiny_demo_config.train_steps + 1))
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
     assert first == pytest.approx(math.log(metrics["vocab_size"]), abs=0.5)  # random init ~ uniform
-    assert last < first - 1.0
-    assert metrics["heldout_loss"] < first - 1.0
+    assert last < first - 0.75
+    assert metrics["heldout_loss"] < first - 0.75
     assert metrics["heldout_ppl"] == pytest.approx(math.exp(metrics["heldout_loss"]))
     assert metrics["heldout_tokens"] > 0
     assert metrics["tokens_seen"] == tiny_demo_config.train_steps * tiny_demo_config.batch_size * tiny_demo_config.seq_len
