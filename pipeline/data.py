@@ -36,6 +36,34 @@ def split_records(records: Iterable, fraction: float, key=lambda r: r) -> Split:
     return Split(train, heldout)
 
 
+def is_hub_dataset_name(name: str) -> bool:
+    """``org/name`` (optionally ``org/name:split``) that is not a local path."""
+    base = name.split(":", 1)[0]
+    return (not Path(name).exists() and base.count("/") == 1 and not base.startswith((".", "/", "~"))
+            and Path(base).suffix not in TEXT_SUFFIXES)
+
+
+def require_hub_access(name: str, *, field: str) -> None:
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise ConfigError(field, f"hub dataset '{name}' cannot be fetched offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)",
+                          "run with network access, or download it and point at local .jsonl/.parquet files")
+
+
+def load_hub_rows(name: str, *, field: str) -> list[dict]:
+    """Rows of a hub dataset ``org/name[:split]`` (default split: train), via ``datasets``."""
+    repo, _, split = name.partition(":")
+    require_hub_access(repo, field=field)
+    import datasets
+
+    try:
+        return datasets.load_dataset(repo, split=split or "train").to_list()
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the name and cause
+        raise ConfigError(field, f"hub dataset '{repo}' could not be loaded ({type(e).__name__}: {e})",
+                          "check the name and split, or use local files") from None
+
+
 def check_data_file(path: str, *, field: str) -> Path:
     p = Path(path)
     if not p.exists():
@@ -93,15 +121,17 @@ def load_text_records(
         raise ConfigError(field, "no files given", "list at least one .txt/.jsonl/.parquet file")
     records: list[str] = []
     for name in files:
-        path = check_data_file(name, field=field)
-        if path.suffix == ".txt":
+        hub = is_hub_dataset_name(name)
+        path = None if hub else check_data_file(name, field=field)
+        if path is not None and path.suffix == ".txt":
             docs: Iterable[str] = path.read_text(encoding="utf-8").split(txt_document_separator)
         else:
             docs = []
-            for i, row in enumerate(_read_rows(path, field=field)):
+            rows = load_hub_rows(name, field=field) if hub else _read_rows(path, field=field)
+            for i, row in enumerate(rows):
                 if text_column not in row:
                     raise ConfigError(
-                        f"{field} ({path})",
+                        f"{field} ({name})",
                         f"row {i} has no column '{text_column}' (columns: {sorted(row)})",
                         "set data.text_column to the column holding the text",
                     )
@@ -123,22 +153,23 @@ def load_conversations(
         raise ConfigError(field, "no files given", "list at least one .jsonl/.json/.parquet file of conversations")
     conversations = []
     for name in files:
-        path = check_data_file(name, field=field)
-        if path.suffix == ".txt":
+        hub = is_hub_dataset_name(name)
+        path = None if hub else check_data_file(name, field=field)
+        if path is not None and path.suffix == ".txt":
             raise ConfigError(field, f"{path}: sft data must be .jsonl/.json/.parquet with a '{messages_column}' column")
-        for i, row in enumerate(_read_rows(path, field=field)):
+        for i, row in enumerate(load_hub_rows(name, field=field) if hub else _read_rows(path, field=field)):
             msgs = row.get(messages_column)
             if msgs is None:
                 raise ConfigError(
-                    f"{field} ({path})",
+                    f"{field} ({name})",
                     f"row {i} has no column '{messages_column}' (columns: {sorted(row)})",
                     "set data.messages_column, or convert the data to chat format "
                     "([{role: user, content: ...}, {role: assistant, content: ...}])",
                 )
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-                raise ConfigError(f"{field} ({path})", f"row {i}: '{messages_column}' must be a list of {{role, content}} objects")
+                raise ConfigError(f"{field} ({name})", f"row {i}: '{messages_column}' must be a list of {{role, content}} objects")
             if not any(m["role"] == "assistant" for m in msgs):
-                raise ConfigError(f"{field} ({path})", f"row {i} has no assistant message: nothing to learn from")
+                raise ConfigError(f"{field} ({name})", f"row {i} has no assistant message: nothing to learn from")
             conversations.append([{"role": m["role"], "content": m["content"]} for m in msgs])
     if not conversations:
         raise ConfigError(field, f"{files} contain no conversations")

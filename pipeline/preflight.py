@@ -40,12 +40,15 @@ def _first_row(path: Path) -> dict | None:
 
 
 def check_data(cfg: PipelineConfig, stages: list[str]) -> None:
-    from pipeline.data import check_data_file
+    from pipeline.data import check_data_file, is_hub_dataset_name, require_hub_access
 
     if "cpt" in stages or "eval" in stages:
         if not cfg.data.cpt_files:
             raise ConfigError("data.cpt_files", "is empty", "list the raw-text files for continued pretraining")
         for name in cfg.data.cpt_files:
+            if is_hub_dataset_name(name):
+                require_hub_access(name, field="data.cpt_files")
+                continue
             path = check_data_file(name, field="data.cpt_files")
             if path.stat().st_size == 0:
                 raise ConfigError("data.cpt_files", f"{name} is empty")
@@ -60,6 +63,9 @@ def check_data(cfg: PipelineConfig, stages: list[str]) -> None:
         if not cfg.data.sft_files:
             raise ConfigError("data.sft_files", "is empty", "list the conversation files for sft")
         for name in cfg.data.sft_files:
+            if is_hub_dataset_name(name):
+                require_hub_access(name, field="data.sft_files")
+                continue
             path = check_data_file(name, field="data.sft_files")
             row = _first_row(path) if path.suffix != ".txt" else None
             if row is None:

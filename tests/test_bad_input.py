@@ -99,3 +99,9 @@ def test_cli_exit_code_and_message(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and "none.txt" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(p.name[:2].isdigit() for p in (tmp_path / "demo").iterdir())
+
+
+def test_hub_dataset_offline_is_named(base_cfg, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    base_cfg.data.cpt_files = ["allenai/c4"]
+    expect_error(base_cfg, "data.cpt_files", "allenai/c4", "offline")
