@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import asdict
@@ -196,7 +197,14 @@ def launch_training_stage(cfg: PipelineConfig, stage: str) -> dict:
             ["pipeline.stage_main", str(Path(cfg.paths.run_dir) / RESOLVED_CONFIG), stage],
         )
         log(f"{stage}: {format_command(cmd)}")
-        proc = subprocess.run(cmd, env=clean_child_env({"PYTHONUNBUFFERED": "1"}))
+        proc = subprocess.Popen(cmd, env=clean_child_env({"PYTHONUNBUFFERED": "1"}))
+        # Forward SIGTERM (SLURM preemption) to the launcher, which passes it to every rank; the
+        # ranks save a checkpoint and exit, and the driver reports the stage as interrupted.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+        try:
+            proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if proc.returncode != 0:
             raise StageFailed(f"stage '{stage}' failed (accelerate launch exit code {proc.returncode}); "
                               f"re-run the same command to resume from its last checkpoint")

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.errors import ConfigError, StageFailed
@@ -151,36 +153,58 @@ class RecordingCollator:
         return self.collate(examples)
 
 
-def throughput_callback(*, tokens_per_device_step: int, flops_per_token: float, world_size: int):
+class ThroughputCallback(TrainerCallback):
     """Adds tokens/s per device and MFU to the Trainer's logs."""
-    from transformers import TrainerCallback
 
-    peak, peak_note = device_peak_flops()
+    def __init__(self, *, tokens_per_device_step: int, flops_per_token: float, world_size: int):
+        self.tokens_per_device_step, self.flops_per_token, self.world_size = tokens_per_device_step, flops_per_token, world_size
+        self.peak, self.peak_note = device_peak_flops()
+        self.t0, self.step0, self.tokens0 = None, 0, 0
 
-    class ThroughputCallback(TrainerCallback):
-        def __init__(self):
-            self.t0, self.step0 = None, 0
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.step0, self.tokens0 = time.perf_counter(), state.global_step, state.num_input_tokens_seen
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0, self.step0, self.tokens0 = time.perf_counter(), state.global_step, state.num_input_tokens_seen
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is None or self.t0 is None or state.global_step <= self.step0:
+            return
+        now = time.perf_counter()
+        # Real (non-padding) tokens counted by the Trainer over all ranks; else the nominal count.
+        seen = state.num_input_tokens_seen - self.tokens0
+        per_device = seen / self.world_size if seen > 0 else (state.global_step - self.step0) * self.tokens_per_device_step
+        tok_s = per_device / (now - self.t0)
+        logs["tokens_per_s_per_device"] = round(tok_s, 1)
+        logs["tokens_per_s_total"] = round(tok_s * self.world_size, 1)
+        if self.peak:
+            logs["mfu"] = round(tok_s * self.flops_per_token / self.peak, 4)
+        self.t0, self.step0, self.tokens0 = now, state.global_step, state.num_input_tokens_seen
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs is None or self.t0 is None or state.global_step <= self.step0:
-                return
-            now = time.perf_counter()
-            # Real (non-padding) tokens counted by the Trainer over all ranks; else the nominal count.
-            seen = state.num_input_tokens_seen - self.tokens0
-            per_device = seen / world_size if seen > 0 else (state.global_step - self.step0) * tokens_per_device_step
-            tok_s = per_device / (now - self.t0)
-            logs["tokens_per_s_per_device"] = round(tok_s, 1)
-            logs["tokens_per_s_total"] = round(tok_s * world_size, 1)
-            if peak:
-                logs["mfu"] = round(tok_s * flops_per_token / peak, 4)
-            self.t0, self.step0, self.tokens0 = now, state.global_step, state.num_input_tokens_seen
 
-    cb = ThroughputCallback()
-    cb.peak_note = peak_note
-    return cb
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM (SLURM's warning before preemption) save a checkpoint and stop.
+
+    The signal may reach only some ranks, and a ZeRO checkpoint is a collective save, so the
+    ranks agree after every step through an all-reduce of the flag: all of them stop at the same
+    step. The stage then exits non-zero without exporting; re-running resumes from that checkpoint.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kw):
+        flag = torch.tensor([int(self.requested)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
 
 
 @torch.no_grad()
@@ -329,8 +353,8 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     n_trainable = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in model.parameters() if p.requires_grad)
     tokens_per_device_step = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * seq_len
-    cb = throughput_callback(tokens_per_device_step=tokens_per_device_step,
-                             flops_per_token=training_flops_per_token(model.config, n_params, seq_len), world_size=world)
+    cb = ThroughputCallback(tokens_per_device_step=tokens_per_device_step,
+                            flops_per_token=training_flops_per_token(model.config, n_params, seq_len), world_size=world)
     trainer.add_callback(cb)
     if is_main:
         print(f"[{stage}] input: {input_model} (from stage '{prev_stage}') | ranks: {world} | ZeRO: "
@@ -341,7 +365,15 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
     resume = last_checkpoint(checkpoint_dir)
     if resume and is_main:
         print(f"[{stage}] resuming from {resume}", flush=True)
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
     train_result = trainer.train(resume_from_checkpoint=resume)
+    if preemption.stopped_at is not None:
+        state.wait_for_everyone()
+        if is_main:
+            print(f"[{stage}] SIGTERM: checkpoint saved at step {preemption.stopped_at} in {checkpoint_dir}; "
+                  f"run the same command again to resume", flush=True)
+        sys.exit(128 + signal.SIGTERM)
     write_rank_record(partial / "logs", stage=stage, served=collator.served, world_size=world, rank=rank)
 
     # Every rank takes part: ZeRO-3 gathers the sharded weights collectively for both calls.

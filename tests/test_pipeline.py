@@ -161,3 +161,44 @@ def test_multirun_runs_two_pipelines_and_reuses_the_merge(tmp_path, tiny_data_di
     shards = [next((job / "01_merge").glob("*.safetensors")) for job in jobs]
     assert shards[0].stat().st_ino == shards[1].stat().st_ino  # one copy on disk, linked into both runs
     assert proc.stdout.count("reusing identical merge") == 1
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_data_dir):
+    """What SLURM does before preemption: SIGTERM to the job. Both ranks save a checkpoint at the
+    same step and stop; nothing is exported; the same command again resumes and finishes."""
+    import re
+    import signal
+    import threading
+    import time
+
+    args = [*tiny_overrides(tiny_data_dir, tmp_path), "cpt.max_steps=60", "cpt.save_steps=1000",
+            "sft.enabled=false", "eval.enabled=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(m) for m in re.findall(r"\| *(\d+)/60 \[", "".join(seen))]
+        if steps and max(steps) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    out = "".join(seen)
+    assert proc.returncode != 0, out[-3000:]
+    stopped = re.search(r"SIGTERM: checkpoint saved at step (\d+)", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    run_dir = tmp_path / "tiny"
+    assert not (run_dir / "02_cpt").exists()
+    checkpoints = list((run_dir / "checkpoints" / "cpt").glob(f"*/checkpoint-{step}"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+
+    again = run_cli(args)
+    assert f"resuming from {checkpoints[0]}" in again.stdout
+    m = manifest(run_dir, "02_cpt")["metrics"]
+    assert m["global_step"] == 60 and m["resumed_from"] == str(checkpoints[0])

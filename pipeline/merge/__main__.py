@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("config", help="mergekit YAML config")
     ap.add_argument("out_dir", help="output model directory (must not exist unless --overwrite)")
     ap.add_argument("--out-shard-size", default="5B",
-                    help="parameters per output shard, mergekit notation: 5B, 500M, or an integer [default: 5B]")
+                    help="bytes of tensor data per output shard, mergekit notation: 5B, 500M, or an integer [default: 5B]")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="accept PyTorch *.bin checkpoints (loaded with torch.load(weights_only=True))")
     ap.add_argument("--trust-remote-code", action="store_true", help="passed to transformers' AutoConfig")

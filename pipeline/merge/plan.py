@@ -83,7 +83,7 @@ class ResolvedMerge:
     out_config: Dict[str, Any]
     tokenizer_dir: Optional[Path]
     mergekit_yaml: str
-    max_shard_params: int
+    max_shard_bytes: int
     warnings: List[str] = field(default_factory=list)
 
     @property
@@ -108,7 +108,7 @@ def validate_merge(cfg: MergeConfig, *, base_model: Optional[str] = None, allow_
                    trust_remote_code: bool = False) -> ResolvedMerge:
     """Check and plan the whole merge without moving a tensor; ConfigError on any user error."""
     spec = load_spec(cfg, base_model=base_model)
-    max_shard_params = parse_size(cfg.out_shard_size, "merge.out_shard_size")
+    max_shard_bytes = parse_size(cfg.out_shard_size, "merge.out_shard_size")
     load = _source_cache(trust_remote_code)
     expand_slices(spec, load, base_model=base_model)
 
@@ -123,7 +123,7 @@ def validate_merge(cfg: MergeConfig, *, base_model: Optional[str] = None, allow_
 
     layer_map = plan_layers(spec)
     ops = plan_tensors(spec, layer_map, sources, donor)
-    shards = plan_shards(ops, max_shard_params)
+    shards = plan_shards(ops, max_shard_bytes)
     warnings: List[str] = []
     out_config = plan_out_config(spec, donor, layer_map, sources, warnings)
     tokenizer_dir = plan_tokenizer(spec, donor, sources, warnings)
@@ -131,7 +131,7 @@ def validate_merge(cfg: MergeConfig, *, base_model: Optional[str] = None, allow_
                      else spec_to_mergekit_yaml(spec))
     return ResolvedMerge(spec=spec, sources=sources, donor=donor, layer_map=layer_map, ops=ops, shards=shards,
                          out_config=out_config, tokenizer_dir=tokenizer_dir, mergekit_yaml=mergekit_yaml,
-                         max_shard_params=max_shard_params, warnings=warnings)
+                         max_shard_bytes=max_shard_bytes, warnings=warnings)
 
 
 def to_mergekit_yaml(cfg: MergeConfig, *, base_model: Optional[str] = None, trust_remote_code: bool = False) -> str:
@@ -321,7 +321,8 @@ def plan_tensors(spec: MergeSpec, layer_map: List[LayerSource], sources: Dict[st
         if w.role == LM_HEAD and donor.tie_word_embeddings:
             continue  # tied: transformers re-ties lm_head to the embeddings on load
         if not (w.optional and w.name not in last.tensors):
-            ops.append(_tensor_op(spec, w.name, last, w.name, last_slice, 1.0))
+            # t = 0 here too: mergekit plans post weights with the module's reader, built at t=0
+            ops.append(_tensor_op(spec, w.name, last, w.name, last_slice, 0.0))
     return ops
 
 
@@ -348,18 +349,18 @@ def _tensor_op(spec: MergeSpec, out_name: str, src: SourceModel, name: str, slic
     return TensorOp(out_name=out_name, source=src, src=info, out_dtype=out, compute_dtype=compute, scale=scale)
 
 
-def plan_shards(ops: List[TensorOp], max_shard_params: int) -> List[ShardLayout]:
-    """mergekit's rule: a new shard starts when adding a tensor would pass ``max_shard_params``
-    elements (parameters, not bytes); tensors keep output order."""
+def plan_shards(ops: List[TensorOp], max_shard_bytes: int) -> List[ShardLayout]:
+    """mergekit's rule (io/tensor_writer.py ``save_tensor``): a new shard starts when adding a
+    tensor would pass ``max_shard_bytes`` of tensor data; tensors keep output order."""
     groups: List[List[TensorOp]] = []
     size = 0
     for op in ops:
-        if groups and groups[-1] and size + op.src.numel <= max_shard_params:
+        if groups and size + op.out_nbytes <= max_shard_bytes:
             groups[-1].append(op)
-            size += op.src.numel
+            size += op.out_nbytes
         else:
             groups.append([op])
-            size = op.src.numel
+            size = op.out_nbytes
     shards = []
     for i, group in enumerate(groups):
         entries = [ShardEntry(op.out_name, op.out_dtype, op.src.shape, op.out_nbytes) for op in group]

@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Benchmark the merge against the raw I/O floor of the same disk (and mergekit-yaml, if given).
+
+Builds a synthetic Mistral-shaped checkpoint (random bfloat16, sharded ~5 GB like hub checkpoints),
+then runs, interleaved and ``--repeats`` times each:
+
+* ``floor``: read the input bytes once and write the output's byte count once with plain file
+  copies, fsync'd (the least any merge can do on this disk);
+* ``ours``: ``python -m pipeline.merge`` (fsync'd, atomically renamed);
+* ``mergekit``: ``mergekit-yaml`` on the same YAML (``--mergekit-python``, a separate venv), and
+  the fsync of its output timed separately (mergekit does not fsync).
+
+Each run is a child process: wall time from the parent, peak RSS from ``os.wait4`` of that child.
+The page cache cannot be dropped here (no privilege; shared machine), so inputs are partly warm
+after the first run: every method sees the same conditions, and the medians are reported.
+
+    python scripts/bench_merge.py --shape small --repeats 3 --mergekit-python /tmp/mk-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    # ~3.6 GB: a TinyLlama-sized model with full multi-head attention
+    "small": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32768),
+    # Mistral-7B-v0.1: 14.5 GB -> 21.5 GB with [0, 24) + [8, 32)
+    "mistral7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=32000),
+}
+SHARD_BYTES = 5 * 10**9
+
+
+def mistral_tensors(shape: dict) -> list[tuple[str, list[int]]]:
+    h, i, L, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    out = [("model.embed_tokens.weight", [v, h])]
+    for layer in range(L):
+        p = f"model.layers.{layer}."
+        out += [(p + "input_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [h, h]),
+                (p + "self_attn.k_proj.weight", [kv, h]), (p + "self_attn.v_proj.weight", [kv, h]),
+                (p + "self_attn.o_proj.weight", [h, h]), (p + "post_attention_layernorm.weight", [h]),
+                (p + "mlp.gate_proj.weight", [i, h]), (p + "mlp.up_proj.weight", [i, h]),
+                (p + "mlp.down_proj.weight", [h, i])]
+    return out + [("model.norm.weight", [h]), ("lm_head.weight", [v, h])]
+
+
+def build_checkpoint(path: Path, shape: dict) -> int:
+    """Random bf16 tensors in ~5 GB shards + index + config + a tiny tokenizer. Returns bytes."""
+    import torch
+
+    from pipeline.merge.safetensors_io import ShardEntry, layout_shard, write_all
+    from pipeline.merge.testing import make_tiny_tokenizer
+
+    path.mkdir(parents=True)
+    torch.manual_seed(0)
+    block = torch.randn(32 << 20, dtype=torch.bfloat16).view(torch.uint8).numpy()  # 64 MiB, reused
+    groups, size = [[]], 0
+    for name, dims in mistral_tensors(shape):
+        nbytes = math.prod(dims) * 2
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(ShardEntry(name, "BF16", tuple(dims), nbytes))
+        size += nbytes
+    weight_map, total = {}, 0
+    for k, entries in enumerate(groups):
+        layout = layout_shard(f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors", entries)
+        fd = os.open(path / layout.file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, layout.header, 0)
+            pos, end = len(layout.header), layout.size
+            while pos < end:
+                n = min(len(block), end - pos)
+                write_all(fd, block[:n], pos)
+                pos += n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        weight_map.update({e.name: layout.file_name for e in entries})
+        total += layout.size
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu",
+                  max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+                  tie_word_embeddings=False, dtype="bfloat16", bos_token_id=1, eos_token_id=2, **shape)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    make_tiny_tokenizer(path, vocab_size=256)
+    return total
+
+
+FLOOR_CHILD = r"""
+import os, sys
+from pathlib import Path
+src, dst, out_bytes = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+dst.mkdir()
+inputs = sorted(src.glob("*.safetensors"))
+written = 0
+for f in inputs:  # read every input byte once, writing it out (kernel copy, like the merge)
+    with open(f, "rb") as a, open(dst / f.name, "wb") as b:
+        n = os.fstat(a.fileno()).st_size
+        while n:
+            n -= os.copy_file_range(a.fileno(), b.fileno(), n)
+        written += os.fstat(b.fileno()).st_size
+k = 0
+while written < out_bytes:  # the rest of the output's bytes, copied again from the inputs
+    f = inputs[k % len(inputs)]
+    with open(f, "rb") as a, open(dst / f"extra-{k}", "wb") as b:
+        n = min(os.fstat(a.fileno()).st_size, out_bytes - written)
+        left = n
+        while left:
+            left -= os.copy_file_range(a.fileno(), b.fileno(), left)
+        written += n
+    k += 1
+for p in dst.iterdir():
+    fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.close(fd)
+fd = os.open(dst, os.O_RDONLY); os.fsync(fd); os.close(fd)
+"""
+
+FSYNC_CHILD = r"""
+import os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for n in files:
+        fd = os.open(os.path.join(root, n), os.O_RDONLY); os.fsync(fd); os.close(fd)
+"""
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> dict:
+    load = Path("/proc/loadavg").read_text().split()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    out = proc.stdout.read()
+    _, status, rusage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{out.decode()[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mib": rusage.ru_maxrss / 1024, "loadavg_before": float(load)}
+
+
+def dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES) + ["both"], default="small")
+    ap.add_argument("--workdir", default="/tmp/dus-merge-bench")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mergekit-python", default=None, help="python of a venv with mergekit installed")
+    ap.add_argument("--mergekit-repeats", type=int, default=None, help="default: --repeats")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    ap.add_argument("--json", default=None, help="write all measurements here")
+    args = ap.parse_args()
+
+    shapes = sorted(SHAPES) if args.shape == "both" else [args.shape]
+    work = Path(args.workdir)
+    results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                           "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                           "python": platform.python_version()}, "runs": {}}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    try:
+        for shape_name in shapes:
+            shutil.rmtree(work / shape_name, ignore_errors=True)
+            src = work / shape_name / "src"
+            print(f"[{shape_name}] building {src} ...", flush=True)
+            in_bytes = build_checkpoint(src, SHAPES[shape_name])
+            yml = work / shape_name / "merge.yml"
+            yml.write_text(f"slices:\n  - sources:\n      - model: {src}\n        layer_range: [0, 24]\n"
+                           f"  - sources:\n      - model: {src}\n        layer_range: [8, 32]\n"
+                           "merge_method: passthrough\ndtype: bfloat16\n")
+            runs = {"floor": [], "ours": [], "mergekit": [], "mergekit_fsync": []}
+            out_bytes = None
+            for rep in range(args.repeats):
+                out = work / shape_name / "out"
+                shutil.rmtree(out, ignore_errors=True)
+                r = run_child([sys.executable, "-m", "pipeline.merge", str(yml), str(out), "--no-progress",
+                               "--metrics-json", str(work / shape_name / "metrics.json")], env)
+                metrics = json.loads((work / shape_name / "metrics.json").read_text())
+                r.update(bytes_read=metrics["bytes_read"], bytes_written=metrics["bytes_written"],
+                         copy_mode=metrics["copy_mode"])
+                out_bytes = metrics["bytes_written"]
+                runs["ours"].append(r)
+                print(f"[{shape_name}] ours #{rep}: {r}", flush=True)
+                shutil.rmtree(out)
+
+                floor = work / shape_name / "floor"
+                shutil.rmtree(floor, ignore_errors=True)
+                r = run_child([sys.executable, "-c", FLOOR_CHILD, str(src), str(floor), str(out_bytes)], env)
+                r.update(bytes_read=in_bytes, bytes_written=dir_bytes(floor))
+                runs["floor"].append(r)
+                print(f"[{shape_name}] floor #{rep}: {r}", flush=True)
+                shutil.rmtree(floor)
+
+                if args.mergekit_python and rep < (args.mergekit_repeats or args.repeats):
+                    mk = work / shape_name / "mk"
+                    shutil.rmtree(mk, ignore_errors=True)
+                    mk_bin = Path(args.mergekit_python).parent / "mergekit-yaml"
+                    r = run_child([str(mk_bin), str(yml), str(mk), "--no-copy-tokenizer", "--out-shard-size", "5B"],
+                                  {**env, "PYTHONPATH": ""})
+                    r.update(bytes_written=dir_bytes(mk, "*.safetensors"))
+                    runs["mergekit"].append(r)
+                    s = run_child([sys.executable, "-c", FSYNC_CHILD, str(mk)], env)
+                    runs["mergekit_fsync"].append(s)
+                    print(f"[{shape_name}] mergekit #{rep}: {r} (+fsync {s['wall_s']:.1f}s)", flush=True)
+                    shutil.rmtree(mk)
+            results["runs"][shape_name] = {"input_bytes": in_bytes, "output_bytes": out_bytes, **runs}
+            summarize(shape_name, results["runs"][shape_name])
+            if not args.keep:
+                shutil.rmtree(work / shape_name, ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def summarize(name: str, r: dict) -> None:
+    med = {k: statistics.median(x["wall_s"] for x in v) for k, v in r.items() if isinstance(v, list) and v}
+    rss = {k: max(x["peak_rss_mib"] for x in v) for k, v in r.items() if isinstance(v, list) and v}
+    print(f"\n== {name}: {r['input_bytes'] / 1e9:.2f} GB in -> {r['output_bytes'] / 1e9:.2f} GB out")
+    for k in med:
+        ratio = med[k] / med["floor"]
+        print(f"  {k:15s} median wall {med[k]:7.1f}s  ({ratio:.2f}x floor)  peak RSS {rss[k]:7.0f} MiB  "
+              f"runs {[round(x['wall_s'], 1) for x in r[k]]}")
+    if "mergekit" in med and "mergekit_fsync" in med:
+        print(f"  mergekit+fsync  median wall {med['mergekit'] + med['mergekit_fsync']:7.1f}s  "
+              f"({(med['mergekit'] + med['mergekit_fsync']) / med['floor']:.2f}x floor)")
+
+
+if __name__ == "__main__":
+    main()
