@@ -107,6 +107,15 @@ class TrainConfig:
 @dataclass
 class CPTConfig(TrainConfig):
     seq_len: int = 1024
+    # What trains. Default: every parameter (SOLAR). Otherwise only the parameters selected here;
+    # the rest is frozen and the count of trainable parameters is logged.
+    # Output layer indices of the merged model, e.g. the layers around the seam: [10, 11, 12, 13].
+    trainable_layers: Optional[List[int]] = None
+    # Parameter-name regexes that also train, e.g. ["lm_head", "norm.weight$"].
+    trainable_patterns: List[str] = field(default_factory=list)
+    # "added": the layers the merge added, from its manifest (block expansion's new blocks, or a
+    # passthrough merge's repeated layers: the second copy of each duplicated source layer).
+    trainable_from_merge: Optional[str] = None
 
 
 @dataclass

@@ -10,7 +10,9 @@ import torch
 
 from pipeline.config import PipelineConfig
 from pipeline.data import load_text_records, pack_documents, split_records, tokenize_records
-from pipeline.train import RecordingCollator, load_causal_lm, trainer_kwargs
+from pipeline.errors import ConfigError
+from pipeline.manifest import read_manifest, stage_dir
+from pipeline.train import RecordingCollator, freeze_except, layers_added_by_merge, load_causal_lm, trainer_kwargs
 
 FIXED_BATCH_BLOCKS = 4
 
@@ -47,6 +49,18 @@ def run_cpt(cfg: PipelineConfig):
     return run_training_stage(cfg, "cpt")
 
 
+def trainable_layers(cfg: PipelineConfig) -> list[int] | None:
+    layers = None if cfg.cpt.trainable_layers is None else list(cfg.cpt.trainable_layers)
+    if cfg.cpt.trainable_from_merge is not None:
+        if cfg.cpt.trainable_from_merge != "added":
+            raise ConfigError("cpt.trainable_from_merge", f"unknown value '{cfg.cpt.trainable_from_merge}'", "use added or null")
+        merge = read_manifest(stage_dir(cfg.paths.run_dir, "merge"))
+        if merge is None:
+            raise ConfigError("cpt.trainable_from_merge", "needs the merge stage's manifest in this run directory")
+        layers = sorted(set(layers or []) | set(layers_added_by_merge(merge["metrics"])))
+    return layers
+
+
 def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, checkpoint_dir,
                       ds_config: dict | None, bf16: bool, attn: str):
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -57,6 +71,7 @@ def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
     fixed_batch = {k: getattr(fixed_src, k)[:FIXED_BATCH_BLOCKS] for k in ("input_ids", "position_ids", "labels")}
     args = TrainingArguments(**trainer_kwargs(cfg.cpt, output_dir=checkpoint_dir, ds_config=ds_config, bf16=bf16))
     model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code)
+    freeze_except(model, layers=trainable_layers(cfg), patterns=list(cfg.cpt.trainable_patterns))
     collator = RecordingCollator(default_data_collator)
     trainer = Trainer(model=model, args=args, train_dataset=PackedDataset(train_blocks), data_collator=collator,
                       processing_class=tokenizer)

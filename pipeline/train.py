@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -134,6 +135,41 @@ def trainer_kwargs(tc: TrainConfig, *, output_dir: Path, ds_config: dict | None,
         # Use the PartialState created by init_distributed_state (gloo on CPU) - see distributed.py.
         kwargs["accelerator_config"] = {"use_configured_state": True}
     return kwargs
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def freeze_except(model, *, layers: list[int] | None, patterns: list[str]) -> int:
+    """Freeze every parameter except those of ``layers`` (decoder layer indices) or matching one
+    of ``patterns``; returns the number of trainable parameters. No selection = all train."""
+    if layers is None and not patterns:
+        return sum(p.numel() for p in model.parameters())
+    wanted = set(layers or [])
+    regexes = [re.compile(p) for p in patterns]
+    trainable = 0
+    for name, param in model.named_parameters():
+        m = _LAYER_INDEX.search(name)
+        keep = (m is not None and int(m.group(1)) in wanted) or any(r.search(name) for r in regexes)
+        param.requires_grad_(keep)
+        trainable += param.numel() if keep else 0
+    if trainable == 0:
+        raise ConfigError("cpt.trainable_layers", f"selects no parameter (layers {sorted(wanted)}, patterns {patterns})",
+                          "check the layer indices against the merged model's num_hidden_layers")
+    return trainable
+
+
+def layers_added_by_merge(merge_metrics: dict) -> list[int]:
+    """Output layers the merge added: block expansion's inserted blocks, else each repeated source
+    layer's later copies (a passthrough merge's duplicated layers)."""
+    if merge_metrics.get("new_layers"):
+        return list(merge_metrics["new_layers"])
+    seen, added = set(), []
+    for i, (model, layer) in enumerate(merge_metrics.get("layer_map", [])):
+        if (model, layer) in seen:
+            added.append(i)
+        seen.add((model, layer))
+    return added
 
 
 class RecordingCollator:

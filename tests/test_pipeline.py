@@ -137,10 +137,18 @@ def test_user_launched_accelerate_runs_one_stage_on_every_rank(demo_run, tmp_pat
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO_ROOT / "conf/accelerate/zero3_single_node.yaml"), "--num_processes", "2",
                 "--main_process_port", "29533", "--mixed_precision", "no"]
-    run_cli([*overrides, "stage=cpt", "cpt.max_steps=2"], launcher=launcher)
+    # LLaMA-Pro style: only the layers the merge added train (6..9 of [0,6)+[2,8)), under ZeRO-3.
+    run_cli([*overrides, "stage=cpt", "cpt.max_steps=2", "cpt.trainable_from_merge=added"], launcher=launcher)
     records = [json.loads((run_dir / "02_cpt" / "logs" / f"rank_{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
-    assert manifest(run_dir, "02_cpt")["metrics"]["global_step"] == 2
+    m = manifest(run_dir, "02_cpt")["metrics"]
+    assert m["global_step"] == 2 and 0 < m["trainable_parameters"] < m["num_parameters"]
+    from safetensors.torch import load_file
+
+    merged = {k: v for f in (run_dir / "01_merge").glob("*.safetensors") for k, v in load_file(f).items()}
+    trained = load_file(run_dir / "02_cpt" / "model.safetensors")
+    frozen, added = "model.layers.0.mlp.down_proj.weight", "model.layers.7.mlp.down_proj.weight"
+    assert (merged[frozen] == trained[frozen]).all() and not (merged[added] == trained[added]).all()
 
 
 def test_multirun_runs_two_pipelines_and_reuses_the_merge(tmp_path, tiny_data_dir):

@@ -1,0 +1,55 @@
+"""Training-stage pieces that run without a launcher: what trains, precision/attention choice."""
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from pipeline.errors import ConfigError
+from pipeline.train import attn_implementation, freeze_except, layers_added_by_merge, use_bf16
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                            num_attention_heads=2, num_key_value_heads=1, sliding_window=None))
+
+
+def test_everything_trains_by_default():
+    model = tiny_model()
+    assert freeze_except(model, layers=None, patterns=[]) == sum(p.numel() for p in model.parameters())
+
+
+def test_only_selected_layers_and_patterns_train_and_frozen_weights_do_not_move():
+    model = tiny_model()
+    n = freeze_except(model, layers=[1, 2], patterns=[r"^lm_head"])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".layers.1." in t or ".layers.2." in t or t.startswith("lm_head") for t in trainable)
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    after = model.state_dict()
+    assert torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_a_selection_of_nothing_is_refused():
+    with pytest.raises(ConfigError, match="cpt.trainable_layers"):
+        freeze_except(tiny_model(), layers=[99], patterns=[])
+
+
+def test_layers_added_by_a_passthrough_merge_are_the_repeated_copies():
+    # [0, 6) + [2, 8) of one model: layers 2..5 appear twice; their second copies are 6..9.
+    layer_map = [["m", i] for i in range(0, 6)] + [["m", i] for i in range(2, 8)]
+    assert layers_added_by_merge({"layer_map": layer_map}) == [6, 7, 8, 9]
+    assert layers_added_by_merge({"layer_map": layer_map, "new_layers": [4, 9]}) == [4, 9]
+
+
+def test_precision_and_attention_are_chosen_for_the_machine():
+    if not torch.cuda.is_available():
+        assert use_bf16(None) is False and attn_implementation(None) == "sdpa"
+        with pytest.raises(ConfigError, match="bf16"):
+            use_bf16(True)
+    assert attn_implementation("eager") == "eager"
