@@ -137,6 +137,11 @@ def trainer_kwargs(tc: TrainConfig, *, output_dir: Path, ds_config: dict | None,
     return kwargs
 
 
+def numel(param) -> int:
+    """A parameter's full size, also when ZeRO-3 has partitioned it (then ``numel()`` is 0)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -144,7 +149,7 @@ def freeze_except(model, *, layers: list[int] | None, patterns: list[str]) -> in
     """Freeze every parameter except those of ``layers`` (decoder layer indices) or matching one
     of ``patterns``; returns the number of trainable parameters. No selection = all train."""
     if layers is None and not patterns:
-        return sum(p.numel() for p in model.parameters())
+        return sum(numel(p) for p in model.parameters())
     wanted = set(layers or [])
     regexes = [re.compile(p) for p in patterns]
     trainable = 0
@@ -152,7 +157,7 @@ def freeze_except(model, *, layers: list[int] | None, patterns: list[str]) -> in
         m = _LAYER_INDEX.search(name)
         keep = (m is not None and int(m.group(1)) in wanted) or any(r.search(name) for r in regexes)
         param.requires_grad_(keep)
-        trainable += param.numel() if keep else 0
+        trainable += numel(param) if keep else 0
     if trainable == 0:
         raise ConfigError("cpt.trainable_layers", f"selects no parameter (layers {sorted(wanted)}, patterns {patterns})",
                           "check the layer indices against the merged model's num_hidden_layers")
@@ -386,8 +391,8 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
     )
     model = trainer.model
 
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    n_trainable = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in model.parameters() if p.requires_grad)
+    n_params = sum(numel(p) for p in model.parameters())
+    n_trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     tokens_per_device_step = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * seq_len
     cb = ThroughputCallback(tokens_per_device_step=tokens_per_device_step,
                             flops_per_token=training_flops_per_token(model.config, n_params, seq_len), world_size=world)

@@ -139,16 +139,28 @@ for root, _, files in os.walk(sys.argv[1]):
 
 
 def run_child(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time of ``cmd`` and its peak RSS. The RSS comes from /usr/bin/time, a small process that
+    forks it: the getrusage of a child forked by *this* process would report at least this
+    process's own RSS (ru_maxrss survives fork+exec), i.e. that of torch used to build inputs."""
     load = Path("/proc/loadavg").read_text().split()[0]
+    rss_file = Path(f"/tmp/.bench-rss-{os.getpid()}")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    out = proc.stdout.read()
-    _, status, rusage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + cmd, capture_output=True, env=env)
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{out.decode()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": rusage.ru_maxrss / 1024, "loadavg_before": float(load)}
+        raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr).decode()[-3000:]}")
+    peak_kib = int(rss_file.read_text().split()[-1])
+    rss_file.unlink()
+    return {"wall_s": wall, "peak_rss_mib": peak_kib / 1024, "loadavg_before": float(load)}
+
+
+def warm_page_cache(src: Path) -> None:
+    """Read the inputs once, untimed: the page cache cannot be dropped here, so instead every
+    method starts from the same state (inputs cached, as far as memory allows)."""
+    for f in sorted(src.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
 
 
 def dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -183,40 +195,52 @@ def main() -> None:
                            f"  - sources:\n      - model: {src}\n        layer_range: [8, 32]\n"
                            "merge_method: passthrough\ndtype: bfloat16\n")
             runs = {"floor": [], "ours": [], "mergekit": [], "mergekit_fsync": []}
-            out_bytes = None
-            for rep in range(args.repeats):
+            def run_ours() -> None:
+                nonlocal out_bytes
                 out = work / shape_name / "out"
                 shutil.rmtree(out, ignore_errors=True)
                 r = run_child([sys.executable, "-m", "pipeline.merge", str(yml), str(out), "--no-progress",
                                "--metrics-json", str(work / shape_name / "metrics.json")], env)
                 metrics = json.loads((work / shape_name / "metrics.json").read_text())
                 r.update(bytes_read=metrics["bytes_read"], bytes_written=metrics["bytes_written"],
-                         copy_mode=metrics["copy_mode"])
+                         copy_mode=metrics["copy_mode"], merge_wall_s=metrics["wall_time_s"])
                 out_bytes = metrics["bytes_written"]
                 runs["ours"].append(r)
-                print(f"[{shape_name}] ours #{rep}: {r}", flush=True)
+                print(f"[{shape_name}] ours: {r}", flush=True)
                 shutil.rmtree(out)
 
+            def run_floor() -> None:
                 floor = work / shape_name / "floor"
                 shutil.rmtree(floor, ignore_errors=True)
                 r = run_child([sys.executable, "-c", FLOOR_CHILD, str(src), str(floor), str(out_bytes)], env)
                 r.update(bytes_read=in_bytes, bytes_written=dir_bytes(floor))
                 runs["floor"].append(r)
-                print(f"[{shape_name}] floor #{rep}: {r}", flush=True)
+                print(f"[{shape_name}] floor: {r}", flush=True)
                 shutil.rmtree(floor)
 
-                if args.mergekit_python and rep < (args.mergekit_repeats or args.repeats):
-                    mk = work / shape_name / "mk"
-                    shutil.rmtree(mk, ignore_errors=True)
-                    mk_bin = Path(args.mergekit_python).parent / "mergekit-yaml"
-                    r = run_child([str(mk_bin), str(yml), str(mk), "--no-copy-tokenizer", "--out-shard-size", "5B"],
-                                  {**env, "PYTHONPATH": ""})
-                    r.update(bytes_written=dir_bytes(mk, "*.safetensors"))
-                    runs["mergekit"].append(r)
-                    s = run_child([sys.executable, "-c", FSYNC_CHILD, str(mk)], env)
-                    runs["mergekit_fsync"].append(s)
-                    print(f"[{shape_name}] mergekit #{rep}: {r} (+fsync {s['wall_s']:.1f}s)", flush=True)
-                    shutil.rmtree(mk)
+            def run_mergekit() -> None:
+                if not args.mergekit_python or len(runs["mergekit"]) >= (args.mergekit_repeats or args.repeats):
+                    return
+                mk = work / shape_name / "mk"
+                shutil.rmtree(mk, ignore_errors=True)
+                mk_bin = Path(args.mergekit_python).parent / "mergekit-yaml"
+                r = run_child([str(mk_bin), str(yml), str(mk), "--no-copy-tokenizer", "--out-shard-size", "5B"],
+                              {**env, "PYTHONPATH": ""})
+                r.update(bytes_written=dir_bytes(mk, "*.safetensors"))
+                runs["mergekit"].append(r)
+                s = run_child([sys.executable, "-c", FSYNC_CHILD, str(mk)], env)
+                runs["mergekit_fsync"].append(s)
+                print(f"[{shape_name}] mergekit: {r} (+fsync {s['wall_s']:.1f}s)", flush=True)
+                shutil.rmtree(mk)
+
+            warm_page_cache(src)
+            out_bytes = None
+            run_ours()  # untimed warm-up: also fixes the output size the floor must write
+            runs["ours"].clear()
+            order = [run_ours, run_floor, run_mergekit]
+            for rep in range(args.repeats):  # rotate the order so no method always goes first
+                for fn in order[rep % 3:] + order[: rep % 3]:
+                    fn()
             results["runs"][shape_name] = {"input_bytes": in_bytes, "output_bytes": out_bytes, **runs}
             summarize(shape_name, results["runs"][shape_name])
             if not args.keep:

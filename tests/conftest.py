@@ -4,8 +4,8 @@
 * ``tiny_demo_config``: the ``DemoModelConfig`` both are built from (a corpus slice, 4 layers).
 * ``tiny_tokenizer_dir``: byte-level BPE (vocab 512) with the demo's special tokens and chat template.
 * ``tiny_base_model_dir``: ``MistralForCausalLM`` (hidden 64, 4 layers, 4 heads, 2 kv heads,
-  intermediate 128) pretrained for 50 quick steps (held-out perplexity a little below a
-  unigram model's), saved like any HF checkpoint (safetensors +
+  intermediate 128) pretrained for 100 quick steps (held-out perplexity ~135, clearly below a
+  unigram model's ~200), saved like any HF checkpoint (safetensors +
   tokenizer + generation_config); it uses the tokenizer of ``tiny_tokenizer_dir``.
 
 Treat both directories as read-only (copy them first to modify). Tests marked ``gpu`` are skipped
@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 from pipeline.config import REPO_ROOT, DemoModelConfig  # noqa: E402
@@ -34,6 +36,23 @@ TINY_HELDOUT_FRACTION = 0.05
 # Every TINY_CORPUS_STRIDE-th record of the demo corpus goes into the tiny corpus (Shakespeare + speeches).
 TINY_CORPUS_STRIDE = 8
 TINY_INSTRUCTIONS = 400
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch on ``n`` intra-op threads inside the block.
+
+    Tiny models are overhead-bound: one thread is as fast as two on an idle machine, and many
+    times faster when other processes compete for the cores (OpenMP threads then spin at barriers).
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -82,7 +101,7 @@ def tiny_demo_config(tiny_data_dir) -> DemoModelConfig:
         max_position_embeddings=256,
         seq_len=64,
         batch_size=8,
-        train_steps=50,
+        train_steps=100,
         learning_rate=1.0e-2,
         seed=0,
         corpus=str(tiny_data_dir / "corpus.txt"),
@@ -107,8 +126,9 @@ def tiny_base_model_build(tmp_path_factory, tiny_demo_config, tiny_tokenizer_dir
     from pipeline.demo import build_demo_base
 
     d = tmp_path_factory.mktemp("tiny_base") / "model"
-    metrics = build_demo_base(tiny_demo_config, d, heldout_fraction=TINY_HELDOUT_FRACTION, progress=False,
-                              tokenizer_dir=tiny_tokenizer_dir)
+    with torch_threads(1):
+        metrics = build_demo_base(tiny_demo_config, d, heldout_fraction=TINY_HELDOUT_FRACTION, progress=False,
+                                  tokenizer_dir=tiny_tokenizer_dir)
     return d, metrics
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,31 @@ def test_gradients_on_pre_and_post_weights_are_read_at_t0(models, tmp_path):
     assert torch.equal(merged["model.norm.weight"], source["model.norm.weight"] * 2.0)
     assert torch.equal(merged["model.layers.3.mlp.up_proj.weight"], source["model.layers.3.mlp.up_proj.weight"] * 5.0)
     assert torch.equal(merged["model.layers.7.mlp.up_proj.weight"], source["model.layers.7.mlp.up_proj.weight"] * 4.0)
+
+
+def test_plain_merge_imports_neither_torch_nor_transformers(models, tmp_path):
+    # a same-dtype merge is pure byte copying: the multi-second torch/transformers import is avoided
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipeline.merge import MergeConfig, OutputSlice, InputSlice, run_merge\n"
+        f"cfg = MergeConfig(slices=[OutputSlice(sources=[InputSlice(model={str(models['mistral'])!r}, layer_range=[0, 8])])])\n"
+        f"run_merge(cfg, {str(tmp_path / 'o')!r}, progress=False)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_legacy_config_without_layer_types_is_derived_by_transformers(models, tmp_path):
+    # hub Qwen2 configs predating layer_types: transformers derives it from max_window_layers
+    src = tmp_path / "legacy"
+    shutil.copytree(models["qwen2"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    expected = cfg.pop("layer_types")
+    (src / "config.json").write_text(json.dumps(cfg))
+    run_merge(MergeConfig(slices=slices((0, 6), (2, 8), model=str(src))), tmp_path / "o", progress=False)
+    out = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert out["layer_types"] == [expected[i] for i in [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]]

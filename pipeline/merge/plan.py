@@ -419,11 +419,9 @@ def plan_out_config(spec: MergeSpec, donor: SourceModel, layer_map: List[LayerSo
     if spec.out_dtype or spec.dtype:
         cfg["dtype"] = spec.out_dtype or spec.dtype
 
-    try:
-        type(donor.hf_config).from_dict(copy.deepcopy(cfg))
-    except Exception as e:  # transformers validates configs strictly; surface it before any I/O
-        raise ConfigError(str(donor.path / "config.json"),
-                          f"the merged config would be rejected by transformers ({type(e).__name__}: {e})") from None
+    for key in arch.per_layer_config_keys:  # what transformers checks on load (validate_layer_type)
+        if key in cfg and len(cfg[key]) != cfg[arch.num_layers_config_key]:
+            raise AssertionError(f"{key} has {len(cfg[key])} entries for {cfg[arch.num_layers_config_key]} layers")
     return cfg
 
 

@@ -85,7 +85,6 @@ class SourceModel:
     ref: str
     path: Path
     config: Dict[str, Any]
-    hf_config: Any
     arch: ArchitectureSpec
     num_layers: int
     tensors: Dict[str, TensorInfo] = field(default_factory=dict)
@@ -93,14 +92,34 @@ class SourceModel:
     pickled: Dict[str, Any] = field(default_factory=dict)
     checkpoint_files: list = field(default_factory=list)
     from_hub: bool = False
+    trust_remote_code: bool = False
+    _hf_config: Any = field(default=None, repr=False)
+
+    @property
+    def hf_config(self) -> Any:
+        """The config as transformers sees it (defaults and derived fields such as layer_types
+        filled in). Loaded on first use only: importing transformers (and torch) costs seconds and
+        ~200 MB, which a merge of complete config.json files never needs."""
+        if self._hf_config is None:
+            try:
+                from transformers import AutoConfig
+
+                self._hf_config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
+            except Exception as e:  # transformers raises many types for bad configs
+                raise ConfigError(str(self.path / "config.json"),
+                                  f"transformers cannot read this config ({type(e).__name__}: {e})",
+                                  "fix config.json") from None
+        return self._hf_config
+
+    def config_value(self, key: str) -> Any:
+        """The value in config.json, else the effective one (class default or derived)."""
+        if key in self.config:
+            return self.config[key]
+        return getattr(self.hf_config, key, None)
 
     @property
     def tie_word_embeddings(self) -> bool:
-        return bool(getattr(self.hf_config, "tie_word_embeddings", False))
-
-    def config_value(self, key: str) -> Any:
-        """The effective value (transformers fills defaults and derived fields like layer_types)."""
-        return getattr(self.hf_config, key, self.config.get(key))
+        return bool(self.config_value("tie_word_embeddings"))
 
 
 def load_source_config(ref: str, where: str, *, trust_remote_code: bool = False) -> SourceModel:
@@ -123,18 +142,13 @@ def load_source_config(ref: str, where: str, *, trust_remote_code: bool = False)
             f"handles architectures whose weight layout it knows: {', '.join(sorted(ARCHITECTURES))}",
             "add the architecture to pipeline/merge/architectures.py (weight names per layer) rather than guessing",
         )
-    try:
-        from transformers import AutoConfig
-
-        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises many types for bad configs
-        raise ConfigError(str(cfg_file), f"transformers cannot read this config ({type(e).__name__}: {e})",
-                          "fix config.json") from None
-    num_layers = getattr(hf_config, arch.num_layers_config_key, None)
-    if not isinstance(num_layers, int) or num_layers <= 0:
+    src = SourceModel(ref=ref, path=path, config=config, arch=arch, num_layers=0,
+                      from_hub=not Path(ref).expanduser().is_dir(), trust_remote_code=trust_remote_code)
+    num_layers = src.config_value(arch.num_layers_config_key)
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
         raise ConfigError(str(cfg_file), f"{arch.num_layers_config_key} is {num_layers!r}, expected a positive integer")
-    return SourceModel(ref=ref, path=path, config=config, hf_config=hf_config, arch=arch, num_layers=num_layers,
-                       from_hub=not Path(ref).expanduser().is_dir())
+    src.num_layers = num_layers
+    return src
 
 
 def load_checkpoint_index(src: SourceModel, where: str, *, allow_pickle: bool) -> None:
