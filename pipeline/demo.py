@@ -417,7 +417,7 @@ def build_demo_base(
                 raise FloatingPointError(f"demo base pretraining diverged at step {step} (loss {value}); "
                                          "lower model.demo.learning_rate")
             ema = value if ema is None else 0.9 * ema + 0.1 * value
-            log_rows.append({"step": step, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0]})
+            log_rows.append({"step": step, "loss": round(value, 5), "lr": float(f"{scheduler.get_last_lr()[0]:.6g}")})
             bar.update(1)
             if step % 5 == 0 or step == cfg.train_steps:
                 bar.set_postfix(loss=f"{ema:.3f}")
@@ -426,14 +426,15 @@ def build_demo_base(
 
         # ---- held-out evaluation
         ev = heldout_loss(model, heldout_stream, seq_len, cfg.batch_size)
+        has_heldout = ev.tokens > 0  # heldout_fraction 0: no held-out metrics (None, not NaN, in the JSON)
         tail = [r["loss"] for r in log_rows[-max(1, min(20, len(log_rows))):]]
         metrics = {
             "final_train_loss": log_rows[-1]["loss"],
             "final_train_loss_avg20": sum(tail) / len(tail),
-            "heldout_loss": ev.loss,
-            "heldout_ppl": math.exp(ev.loss) if math.isfinite(ev.loss) else float("nan"),
+            "heldout_loss": ev.loss if has_heldout else None,
+            "heldout_ppl": math.exp(ev.loss) if has_heldout else None,
             "heldout_tokens": ev.tokens,
-            "unigram_heldout_ppl": unigram_ppl(train_stream, heldout_stream, len(tokenizer)),
+            "unigram_heldout_ppl": unigram_ppl(train_stream, heldout_stream, len(tokenizer)) if has_heldout else None,
             "vocab_size": len(tokenizer),
             "num_params": num_params,
             "train_records": len(split.train),
@@ -456,6 +457,7 @@ def build_demo_base(
         )
         model.save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(tmp / TRAIN_LOG_FILE, log_rows)
+        _make_readable(tmp)
         metrics["wall_time_s"] = time.perf_counter() - t_start
         atomic_write_json(tmp / DEMO_BUILD_FILE, {
             "build_version": DEMO_BUILD_VERSION,
@@ -464,9 +466,20 @@ def build_demo_base(
             "records": dataclasses.asdict(records),
             "metrics": metrics,
         })
-    log.info("demo base built in %.0fs: held-out ppl %.1f (unigram %.1f), %d params -> %s",
+    log.info("demo base built in %.0fs: held-out ppl %s (unigram %s), %d params -> %s",
              metrics["wall_time_s"], metrics["heldout_ppl"], metrics["unigram_heldout_ppl"], num_params, out_dir)
     return metrics
+
+
+def _make_readable(root: Path) -> None:
+    """Some writers create files 0600; a shared cache must be readable by every user the umask allows."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in root.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
 
 
 # --------------------------------------------------------------------------------------------

@@ -270,6 +270,18 @@ def write_rank_record(log_dir: Path, *, stage: str, served: list[int], world_siz
     })
 
 
+def write_log_history(log_dir: Path, history: list[dict]) -> None:
+    """The Trainer's log history as JSON and CSV: local logs whatever ``report_to`` says."""
+    import csv
+
+    (log_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    columns = sorted({k for row in history for k in row}, key=lambda k: (k not in ("step", "epoch"), k))
+    with open(log_dir / "log_history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -431,7 +443,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
         verification = verify_in_fresh_process(partial, batch_file, expected_loss=trained_loss, bf16=bf16, attn=attn,
                                                merge_adapter_onto=input_model if adapter else None)
         _finalize_model_files(partial, tokenizer)
-        (partial / "logs" / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        write_log_history(partial / "logs", trainer.state.log_history)
         metrics = {
             **{k: v for k, v in train_result.metrics.items() if isinstance(v, (int, float))},
             "global_step": trainer.state.global_step,

@@ -241,6 +241,18 @@ def test_build_is_deterministic(tiny_demo_config, tiny_tokenizer_dir, tmp_path):
     assert all((a[k] == b[k]).all() for k in a)
 
 
+def test_build_without_heldout_records(tiny_demo_config, tiny_tokenizer_dir, tmp_path):
+    cfg = dataclasses.replace(tiny_demo_config, train_steps=1)
+    metrics = demo.build_demo_base(cfg, tmp_path / "m", heldout_fraction=0.0, progress=False,
+                                   tokenizer_dir=tiny_tokenizer_dir)
+    assert metrics["heldout_records"] == 0 and metrics["heldout_tokens"] == 0
+    assert metrics["heldout_loss"] is None and metrics["heldout_ppl"] is None
+    json.loads((tmp_path / "m" / demo.DEMO_BUILD_FILE).read_text(), parse_constant=pytest.fail)  # strict JSON
+    with pytest.raises(FileExistsError):  # never silently replaces a directory
+        demo.build_demo_base(cfg, tmp_path / "m", heldout_fraction=0.0, progress=False,
+                             tokenizer_dir=tiny_tokenizer_dir)
+
+
 # ------------------------------------------------------------------------------ cache
 
 

@@ -87,6 +87,11 @@ def test_training_ran_on_two_distinct_ranks_with_sharded_data(demo_run, stage):
     assert served[0] and served[1] and not served[0] & served[1], "both ranks trained on the same examples"
     m = manifest(run_dir, stage)["metrics"]
     assert m["world_size"] == 2 and m["zero_stage"] == 3
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / stage / "logs" / "log_history.csv")))
+    logged = [r for r in rows if r.get("loss")]
+    assert logged and all(float(r["tokens_per_s_per_device"]) > 0 for r in logged)
 
 
 @pytest.mark.parametrize("stage", ["02_cpt", "03_sft"])

@@ -1,0 +1,51 @@
+"""``python -m pipeline.report RUN_DIR [--out DIR] [--with-model]``: the model card and results of a
+finished run, regenerated from its manifests without running anything.
+
+Writes README.md (the model card), mergekit_config.yml, results.json and results.md (from the eval
+stage's results.json) and the eval plots into ``DIR`` (default ``RUN_DIR/release``). The model
+files already there are left as they are; ``--with-model`` rebuilds the whole release directory
+(the final model's files hard-linked in, as the pipeline's release step does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.report",
+        description="Regenerate a run's model card (README.md) and results from its manifests.",
+    )
+    parser.add_argument("run_dir", type=Path, help="the run directory (e.g. outputs/demo)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: RUN_DIR/release)")
+    parser.add_argument("--with-model", action="store_true",
+                        help="rebuild the whole release directory, model files included (hard links)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pipeline.release import build_release, regenerate_card
+
+    try:
+        if args.with_model:
+            out = build_release(args.run_dir, args.out)
+            written = sorted(p for p in out.iterdir() if p.is_file())
+        else:
+            written = regenerate_card(args.run_dir, args.out)
+            out = written[0].parent
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[dus] report: wrote {', '.join(p.name for p in written)} to {out}", flush=True)
+    print(f"[dus] report: model card: {out / 'README.md'}", flush=True)
+    if not (out / "config.json").is_file():
+        print(f"[dus] report: {out} holds no model files; --with-model links the final model in", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
