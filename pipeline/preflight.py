@@ -39,42 +39,38 @@ def _first_row(path: Path) -> dict | None:
     return None
 
 
-def check_data(cfg: PipelineConfig, stages: list[str]) -> None:
+def _check_files(files: list[str], *, field: str, column: str, column_field: str, txt_ok: bool, what: str) -> None:
+    """Each file exists (or is a reachable hub dataset), is not empty, and has ``column``."""
     from pipeline.data import check_data_file, is_hub_dataset_name, require_hub_access
 
-    if "cpt" in stages or "eval" in stages:
-        if not cfg.data.cpt_files:
-            raise ConfigError("data.cpt_files", "is empty", "list the raw-text files for continued pretraining")
-        for name in cfg.data.cpt_files:
-            if is_hub_dataset_name(name):
-                require_hub_access(name, field="data.cpt_files")
-                continue
-            path = check_data_file(name, field="data.cpt_files")
+    if not files:
+        raise ConfigError(field, "is empty", f"list the {what}")
+    for name in files:
+        if is_hub_dataset_name(name):
+            require_hub_access(name, field=field)
+            continue
+        path = check_data_file(name, field=field)
+        if path.suffix == ".txt":
+            if not txt_ok:
+                raise ConfigError(field, f"{name} is a .txt file", f"give .jsonl/.json/.parquet rows with a '{column}' column")
             if path.stat().st_size == 0:
-                raise ConfigError("data.cpt_files", f"{name} is empty")
-            if path.suffix != ".txt":
-                row = _first_row(path)
-                if row is None:
-                    raise ConfigError("data.cpt_files", f"{name} has no rows")
-                if cfg.data.text_column not in row:
-                    raise ConfigError("data.text_column", f"'{cfg.data.text_column}' is not a column of {name} "
-                                      f"(columns: {sorted(row)})", "set data.text_column to the text column")
+                raise ConfigError(field, f"{name} is empty")
+            continue
+        row = _first_row(path)
+        if row is None:
+            raise ConfigError(field, f"{name} has no rows")
+        if column not in row:
+            raise ConfigError(column_field, f"'{column}' is not a column of {name} (columns: {sorted(row)})",
+                              f"set {column_field} to the right column, or convert the data")
+
+
+def check_data(cfg: PipelineConfig, stages: list[str]) -> None:
+    if "cpt" in stages or "eval" in stages:
+        _check_files(list(cfg.data.cpt_files), field="data.cpt_files", column=cfg.data.text_column,
+                     column_field="data.text_column", txt_ok=True, what="raw-text files for continued pretraining")
     if "sft" in stages or "eval" in stages:
-        if not cfg.data.sft_files:
-            raise ConfigError("data.sft_files", "is empty", "list the conversation files for sft")
-        for name in cfg.data.sft_files:
-            if is_hub_dataset_name(name):
-                require_hub_access(name, field="data.sft_files")
-                continue
-            path = check_data_file(name, field="data.sft_files")
-            row = _first_row(path) if path.suffix != ".txt" else None
-            if row is None:
-                raise ConfigError("data.sft_files", f"{name} has no rows (or is a .txt file)",
-                                  "give .jsonl/.json/.parquet rows with a messages column")
-            if cfg.data.messages_column not in row:
-                raise ConfigError("data.messages_column", f"'{cfg.data.messages_column}' is not a column of {name} "
-                                  f"(columns: {sorted(row)})",
-                                  "set data.messages_column, or convert the data to chat format")
+        _check_files(list(cfg.data.sft_files), field="data.sft_files", column=cfg.data.messages_column,
+                     column_field="data.messages_column", txt_ok=False, what="conversation files for sft")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError("data.heldout_fraction", f"must be in [0, 1), got {cfg.data.heldout_fraction}")
 

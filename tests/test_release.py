@@ -42,7 +42,7 @@ CHANCE = {"dus_mc/acc": 0.4172}
 
 
 def _model_copy(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("manifest.json", "mergekit_config.yml"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("manifest.json", "mergekit_config.yml", "logs", "*.bin"))
 
 
 def _training_stage(run: Path, stage: str, prev: str, prev_key: str, cfg, data_file: Path, started: float) -> str:
