@@ -158,6 +158,27 @@ class EvalConfig:
 
 
 @dataclass
+class ReleaseConfig:
+    """The release step after eval (pipeline/release.py): ``<run_dir>/release/`` holds the final
+    model, its model card (README.md), mergekit_config.yml, results and plots; optionally pushed
+    to the Hugging Face Hub."""
+
+    enabled: bool = True
+    push_to_hub: bool = False
+    # <user or org>/<name>; required when push_to_hub.
+    repo_id: Optional[str] = None
+    # Visibility of a repo the push creates (an existing repo keeps its own).
+    private: bool = True
+    # Print the repo id and the files (with sizes) that would be uploaded; no network, no token.
+    dry_run: bool = False
+    # NAME of the environment variable holding the hub token; the token is never in a config or file.
+    token_env: str = "HF_TOKEN"
+    # Model card metadata. None = carried from the base model's card; a license is never guessed.
+    license: Optional[str] = None
+    language: Optional[List[str]] = None
+
+
+@dataclass
 class DistributedConfig:
     """How training stages are launched. ``accelerate launch`` with DeepSpeed ZeRO."""
 
@@ -200,5 +221,6 @@ class PipelineConfig:
     cpt: CPTConfig = field(default_factory=CPTConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -64,6 +64,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
             results = run_eval_stage(cfg)
         log(f"{stage}: {time.time() - t0:.1f}s")
+    if cfg.release.enabled and "eval" in selected_stages(cfg):
+        from pipeline.release import run_release
+
+        results["release_dir"] = str(run_release(cfg))
     report_end(cfg, results)
     return results
 
@@ -82,6 +86,8 @@ def report_end(cfg: PipelineConfig, results: dict) -> None:
         log(f"final model: {resolve_model_dir(cfg.paths.run_dir, stage, manifest)}")
     except ConfigError:
         pass
+    if results.get("release_dir"):
+        log(f"release (model card, mergekit_config.yml, results): {results['release_dir']}")
 
 
 # --------------------------------------------------------------------------------------------- base

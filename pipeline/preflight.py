@@ -136,8 +136,15 @@ def check_eval(cfg: PipelineConfig, stages: list[str]) -> None:
         check_tasks_available(list(cfg.eval.harness_tasks), include_path=cfg.eval.harness_include_path)
 
 
+def check_release(cfg: PipelineConfig, stages: list[str]) -> None:
+    if "eval" in stages and cfg.release.enabled and cfg.release.push_to_hub:
+        from pipeline.release import check_push_settings
+
+        check_push_settings(repo_id=cfg.release.repo_id, dry_run=cfg.release.dry_run, token_env=cfg.release.token_env)
+
+
 CHECKS: list[Callable[[PipelineConfig, list[str]], None]] = [
-    check_data, check_base_and_merge, check_distributed, check_eval,
+    check_data, check_base_and_merge, check_distributed, check_eval, check_release,
 ]
 
 

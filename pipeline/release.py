@@ -79,6 +79,7 @@ class RunRecord:
     results: Optional[dict]  # {"stages": {stage: metrics}, "chance": {...}} or None (no eval)
     plots: list[str] = field(default_factory=list)  # plot files present in 04_eval
     release_cfg: dict = field(default_factory=dict)  # the `release` section of <run_dir>/config.yaml
+    run_name: str = ""  # run_name of <run_dir>/config.yaml, else the directory's name
 
     @property
     def base(self) -> dict:
@@ -131,8 +132,11 @@ def load_run(run_dir: Path | str) -> RunRecord:
         eval_dir = stage_dir(run_dir, "eval")
         results = _read_results(eval_dir, manifests["eval"])
         plots = [name for name, _ in PLOTS if (eval_dir / name).is_file()]
+    cfg = _run_config(run_dir)
+    release_cfg = cfg.get("release") if isinstance(cfg.get("release"), dict) else {}
     return RunRecord(run_dir=run_dir, manifests=manifests, final_stage=final_stage, merge_yaml=yml.read_text(),
-                     results=results, plots=plots, release_cfg=_run_release_config(run_dir))
+                     results=results, plots=plots, release_cfg=release_cfg,
+                     run_name=str(cfg.get("run_name") or run_dir.name))
 
 
 def _read_results(eval_dir: Path, manifest: dict) -> dict:
@@ -147,14 +151,14 @@ def _read_results(eval_dir: Path, manifest: dict) -> dict:
     return {"stages": dict(manifest.get("metrics") or {}), "chance": {}}
 
 
-def _run_release_config(run_dir: Path) -> dict:
+def _run_config(run_dir: Path) -> dict:
+    """The run's resolved config (``<run_dir>/config.yaml``, written by the driver); {} if none."""
     path = run_dir / "config.yaml"
     try:
         cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, yaml.YAMLError):
         return {}
-    section = cfg.get("release") if isinstance(cfg, dict) else None
-    return section if isinstance(section, dict) else {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 # ------------------------------------------------------------------------------------ the card
@@ -639,7 +643,7 @@ def _render_card(run: RunRecord, *, license: Optional[str] = None, language: Any
 
     repo_id = repo_id or run.release_cfg.get("repo_id")
     meta, notes = card_metadata(run, license=license, language=language)
-    title = repo_id.split("/")[-1] if repo_id else run.run_dir.name
+    title = repo_id.split("/")[-1] if repo_id else (run.run_name or run.run_dir.name)
     body: list[str] = [*_intro(run, title), "", *_merge_section(run), "", "## Training Details", ""]
     trained = [s for s in ("cpt", "sft") if s in run.manifests]
     if not trained:
@@ -774,9 +778,9 @@ def build_release(run_dir: Path | str, out_dir: Path | str | None = None) -> Pat
         skipped = link_model_files(src, tmp)
         check_model_files(tmp)
         write_release_docs(run, tmp, card)
-    for rel, why in skipped:
-        if why in ("pickle", "pipeline logs / resume state"):
-            log(f"left out {rel} ({why})")
+    left_out = sorted({rel.split("/", 1)[0] + ("/" if "/" in rel else "") for rel, why in skipped if why != "regenerated"})
+    if left_out:
+        log(f"left out of the release: {', '.join(left_out)}")
     log(f"{out} (the {run.final_stage} model, model card, mergekit config"
         + (", results" if run.results else "") + ")")
     return out

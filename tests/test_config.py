@@ -49,7 +49,7 @@ def test_demo_is_the_default(tmp_path):
     assert cfg.distributed.num_processes == 2 and cfg.distributed.zero_stage == 3
 
 
-@pytest.mark.parametrize("group", ["model", "merge", "data", "cpt", "sft", "eval", "distributed"])
+@pytest.mark.parametrize("group", ["model", "merge", "data", "cpt", "sft", "eval", "distributed", "release"])
 def test_every_group_option_composes(group, tmp_path):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         overrides = [f"{group}={option}"]

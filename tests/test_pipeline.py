@@ -215,3 +215,17 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_data_di
     assert f"resuming from {checkpoints[0]}" in again.stdout
     m = manifest(run_dir, "02_cpt")["metrics"]
     assert m["global_step"] == 60 and m["resumed_from"] == str(checkpoints[0])
+
+
+def test_release_directory_has_a_model_card_and_loads(demo_run):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _, _ = demo_run
+    release = run_dir / "release"
+    card = ModelCard.load(release / "README.md")
+    assert {"mergekit", "merge", "depth-upscaling"} <= set(card.data.to_dict()["tags"])
+    results = json.loads((run_dir / "04_eval" / "results.json").read_text())
+    assert f"{results['stages']['cpt']['heldout/perplexity']:.2f}" in card.text
+    assert (release / "mergekit_config.yml").is_file() and not (release / "manifest.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(release).config.num_hidden_layers == 12
