@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 
 from pipeline.config import DemoModelConfig
 from pipeline.data import conversation_key, load_conversations, load_text_records, split_records
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageFailed
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, file_lock, hash_path, hash_text
 
 log = logging.getLogger(__name__)
@@ -365,9 +365,10 @@ def build_demo_base(
                               f"too few for seq_len={seq_len}", "use a smaller seq_len or a larger corpus")
 
         # ---- model
-        torch.manual_seed(cfg.seed)
         model_config = mistral_config(cfg, tokenizer)
-        model = MistralForCausalLM(model_config).float()
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            model = MistralForCausalLM(model_config).float()
         model.config.use_cache = False
         model.train()
         num_params = sum(p.numel() for p in model.parameters())
@@ -414,7 +415,7 @@ def build_demo_base(
             optimizer.zero_grad(set_to_none=True)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"demo base pretraining diverged at step {step} (loss {value}); "
+                raise StageFailed(f"demo base pretraining diverged at step {step} (loss {value}); "
                                          "lower model.demo.learning_rate")
             ema = value if ema is None else 0.9 * ema + 0.1 * value
             log_rows.append({"step": step, "loss": round(value, 5), "lr": float(f"{scheduler.get_last_lr()[0]:.6g}")})

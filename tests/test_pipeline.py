@@ -32,8 +32,13 @@ def tiny_overrides(data_dir: Path, out: Path) -> list[str]:
     ]
 
 
+# Secrets present in the environment of every run; no file a run writes may contain them.
+FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtestTOKEN0123456789", "WANDB_API_KEY": "wandbFAKEkey0123456789"}
+
+
 def run_cli(args: list[str], *, launcher: list[str] | None = None, check=True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **FAKE_SECRETS}
     cmd = (launcher or [sys.executable]) + ["-m", "pipeline", *args]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -65,6 +70,16 @@ def test_every_stage_hands_off_through_manifests(demo_run):
     for m in (merge, cpt, sft):
         assert m["versions"]["torch"] and m["wall_time_s"] > 0 and m["config"]
     assert "final model:" in proc.stdout and str(run_dir / "03_sft") in proc.stdout
+
+
+def test_no_secret_reaches_any_file_or_log(demo_run):
+    run_dir, _, proc = demo_run
+    files = [p for p in run_dir.parent.rglob("*") if p.is_file()]
+    assert any(p.parent.name == ".hydra" for p in files)  # Hydra's own files are among those scanned
+    for secret in FAKE_SECRETS.values():
+        assert secret not in proc.stdout + proc.stderr
+        for p in files:
+            assert secret.encode() not in p.read_bytes(), p
 
 
 def test_merged_model_has_the_new_depth(demo_run):

@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -20,10 +19,10 @@ from pipeline.merge.config import MergeConfig
 from pipeline.merge.safetensors_io import (
     DTYPES, TORCH_NAME_TO_CODE, ShardEntry, ShardLayout, TensorInfo, layout_shard, parse_size,
 )
-from pipeline.merge.sources import SourceModel, load_checkpoint_index, load_source_config, resolve_model_dir, METADATA_PATTERNS
+from pipeline.merge.sources import (
+    METADATA_PATTERNS, SourceModel, load_checkpoint_index, load_source_config, resolve_model_dir,
+)
 from pipeline.merge.spec import MergeSpec, SliceSpec, SourceSpec, load_spec, resolve_parameter, spec_to_mergekit_yaml
-
-log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",

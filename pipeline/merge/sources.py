@@ -6,18 +6,15 @@ Everything here is cheap (config files and safetensors headers only); no tensor 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from pipeline.errors import ConfigError
 from pipeline.merge.architectures import ARCHITECTURES, ArchitectureSpec
 from pipeline.merge.safetensors_io import TORCH_NAME_TO_CODE, TensorInfo, read_header
-
-log = logging.getLogger(__name__)
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
