@@ -213,10 +213,12 @@ class ThroughputCallback(TrainerCallback):
         seen = state.num_input_tokens_seen - self.tokens0
         per_device = seen / self.world_size if seen > 0 else (state.global_step - self.step0) * self.tokens_per_device_step
         tok_s = per_device / (now - self.t0)
-        logs["tokens_per_s_per_device"] = round(tok_s, 1)
-        logs["tokens_per_s_total"] = round(tok_s * self.world_size, 1)
+        extra = {"tokens_per_s_per_device": round(tok_s, 1), "tokens_per_s_total": round(tok_s * self.world_size, 1)}
         if self.peak:
-            logs["mfu"] = round(tok_s * self.flops_per_token / self.peak, 4)
+            extra["mfu"] = round(tok_s * self.flops_per_token / self.peak, 4)
+        logs.update(extra)  # printed / sent to report_to
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)  # the Trainer stored a copy before the callbacks ran
         self.t0, self.step0, self.tokens0 = now, state.global_step, state.num_input_tokens_seen
 
 
