@@ -170,8 +170,9 @@ def run_merge_stage(cfg: PipelineConfig) -> dict:
         else:
             log("merge: " + ", ".join(f"[{s.sources[0].layer_range[0]}, {s.sources[0].layer_range[1]})"
                                       for s in cfg.merge.slices if s.sources) + f" -> {cached}")
+            # overwrite: a merge that finished without its metrics file (a crash in between) is redone.
             metrics = run_merge(merge_cfg, cached, base_model=base_dir, allow_pickle=cfg.model.allow_pickle,
-                                trust_remote_code=cfg.model.trust_remote_code)
+                                trust_remote_code=cfg.model.trust_remote_code, overwrite=True)
             (cached / "merge_metrics.json").write_text(json.dumps(metrics, default=str))
             metrics["reused_from_cache"] = None
     with atomic_output_dir(final, overwrite=True) as tmp:

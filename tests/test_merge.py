@@ -335,3 +335,25 @@ def test_legacy_config_without_layer_types_is_derived_by_transformers(models, tm
     run_merge(MergeConfig(slices=slices((0, 6), (2, 8), model=str(src))), tmp_path / "o", progress=False)
     out = json.loads((tmp_path / "o" / "config.json").read_text())
     assert out["layer_types"] == [expected[i] for i in [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]]
+
+
+def test_chunked_transforms_and_copies_match_whole_tensor_results(models, tmp_path, monkeypatch):
+    # tiny chunks (not a multiple of 4 bytes) force every tensor through many chunk boundaries
+    from pipeline.merge.safetensors_io import ByteCopier
+
+    monkeypatch.setattr(execute, "COMPUTE_CHUNK", 4098)
+    monkeypatch.setattr(execute, "ByteCopier", lambda mode: ByteCopier(mode, chunk=1002))
+    src = models["mistral"]
+    cfg = MergeConfig(slices=slices((0, 6), model=str(src)) + slices((2, 8), model=str(src), scale=0.5),
+                      dtype="bfloat16")
+    run_merge(cfg, tmp_path / "cast", progress=False)
+    merged, source = read_all(tmp_path / "cast"), read_source(src)
+    assert torch.equal(merged["model.layers.6.mlp.up_proj.weight"],
+                       source["model.layers.2.mlp.up_proj.weight"].to(torch.bfloat16) * 0.5)
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
+                       source["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16))
+    run_merge(MergeConfig(slices=slices((0, 6), (2, 8), model=str(src))), tmp_path / "copy", progress=False,
+              copy_mode="buffered")
+    copied = read_all(tmp_path / "copy")
+    assert all(torch.equal(copied[f"model.layers.{o}.{n}"], source[f"model.layers.{s}.{n}"])
+               for o, s in [(0, 0), (7, 3), (11, 7)] for n in ("mlp.down_proj.weight", "self_attn.q_proj.weight"))

@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir
 from pipeline.merge.config import MergeConfig
 from pipeline.merge.plan import GENERATION_CONFIG, TOKENIZER_FILES, ResolvedMerge, TensorOp, validate_merge
-from pipeline.merge.safetensors_io import DTYPES, ByteCopier, write_all
+from pipeline.merge.safetensors_io import COMPUTE_CHUNK, DTYPES, ByteCopier, write_all
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def write_sharded(plan: ResolvedMerge, out: Path, *, progress: bool = True, copy
             for ops in groups:
                 info, source = ops[0].src, ops[0].source
                 if info.name in source.pickled:
-                    _write_from_tensor(source.pickled[info.name], ops, out_fds, copier.chunk, bar)
+                    _write_from_tensor(source.pickled[info.name], ops, out_fds, COMPUTE_CHUNK, bar)
                 else:
                     if info.file != src_file:  # sources are walked file by file: each opened once
                         if src_fd >= 0:
@@ -174,8 +174,8 @@ def _write_tensor(copier: ByteCopier, src_fd: int, ops: List[TensorOp], out_fds:
         return
     # Some destination needs a cast/scale: read bounded chunks once, transform per destination.
     itemsize = DTYPES[info.dtype][0]
-    step = max(itemsize, copier.chunk // itemsize * itemsize)
-    buf = copier.buffer()
+    step = max(itemsize, COMPUTE_CHUNK // itemsize * itemsize)
+    buf = copier.compute_buffer()
     pos = 0
     while pos < info.nbytes:
         n = min(step, info.nbytes - pos)

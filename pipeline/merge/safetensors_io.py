@@ -40,6 +40,9 @@ TORCH_NAME_TO_CODE = {v[1]: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20
 HEADER_ALIGN = 8
 COPY_CHUNK = 64 << 20
+# Casts/scales hold ~4 chunk-sized temporaries (source, cast, scaled, output): keep them small so
+# peak memory stays near torch's own footprint (~230 MB) instead of growing with the chunk.
+COMPUTE_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ class ByteCopier:
         self.kernel = mode in ("auto", "kernel") and hasattr(os, "copy_file_range")
         self.chunk = chunk
         self._buf: Optional[bytearray] = None
+        self._compute_buf: Optional[bytearray] = None
 
     @property
     def mode(self) -> str:
@@ -187,6 +191,12 @@ class ByteCopier:
         if self._buf is None:
             self._buf = bytearray(self.chunk)
         return memoryview(self._buf)
+
+    def compute_buffer(self) -> memoryview:
+        """The smaller buffer source chunks are read into when they must be cast or scaled."""
+        if self._compute_buf is None:
+            self._compute_buf = bytearray(COMPUTE_CHUNK)
+        return memoryview(self._compute_buf)
 
     def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
         while n > 0 and self.kernel:
