@@ -8,8 +8,8 @@ real pipeline then up-scales that model like any other Hugging Face checkpoint.
 The result is an ordinary checkpoint directory (``config.json``, ``model.safetensors``,
 ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json``,
 ``chat_template.jinja``) that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load with no project
-code, plus ``train_log.json`` (the loss curve) and ``demo_build.json`` (what was built, and its
-metrics). ``ensure_demo_base`` caches it under ``<cache_dir>/demo_base/<key>/``, keyed by the
+code, plus ``train_log.json`` (the loss curve), ``build_metrics.json`` (final train loss,
+held-out loss/perplexity, a unigram baseline, tokens, time) and ``demo_build.json`` (the config). ``ensure_demo_base`` caches it under ``<cache_dir>/demo_base/<key>/``, keyed by the
 config and the content of its input files, so it is built once and reused by later runs and
 concurrent sweep jobs.
 
@@ -74,6 +74,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}"
 )
 
+# metrics (flat dict; the driver copies it into the base stage's manifest), what was built, loss curve
+BUILD_METRICS_FILE = "build_metrics.json"
 DEMO_BUILD_FILE = "demo_build.json"
 TRAIN_LOG_FILE = "train_log.json"
 
@@ -330,8 +332,10 @@ def build_demo_base(
     """Train the tokenizer, pretrain the tiny Mistral from scratch, save both atomically to ``out_dir``.
 
     ``tokenizer_dir`` reuses an already trained tokenizer instead of training one (tests).
-    Returns the metrics (also in ``out_dir/demo_build.json``); the per-step loss is in
-    ``out_dir/train_log.json`` as a list of ``{"step", "loss", "lr"}``.
+    Returns the metrics (also in ``out_dir/build_metrics.json``; the config it was built from is in
+    ``out_dir/demo_build.json``); the per-step loss is in
+    ``out_dir/train_log.json`` as a list of ``{"step", "loss", "lr", "time_s"}`` (``time_s``: seconds
+    since training started, after that step).
     """
     import torch
     from tqdm.auto import tqdm
@@ -418,7 +422,8 @@ def build_demo_base(
                 raise StageFailed(f"demo base pretraining diverged at step {step} (loss {value}); "
                                          "lower model.demo.learning_rate")
             ema = value if ema is None else 0.9 * ema + 0.1 * value
-            log_rows.append({"step": step, "loss": round(value, 5), "lr": float(f"{scheduler.get_last_lr()[0]:.6g}")})
+            log_rows.append({"step": step, "loss": round(value, 5), "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
+                             "time_s": round(time.perf_counter() - t_train, 3)})
             bar.update(1)
             if step % 5 == 0 or step == cfg.train_steps:
                 bar.set_postfix(loss=f"{ema:.3f}")
@@ -458,15 +463,16 @@ def build_demo_base(
         )
         model.save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(tmp / TRAIN_LOG_FILE, log_rows)
-        _make_readable(tmp)
         metrics["wall_time_s"] = time.perf_counter() - t_start
         atomic_write_json(tmp / DEMO_BUILD_FILE, {
             "build_version": DEMO_BUILD_VERSION,
             "config": dataclasses.asdict(cfg),
             "heldout_fraction": heldout_fraction,
             "records": dataclasses.asdict(records),
-            "metrics": metrics,
+            "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None,
         })
+        atomic_write_json(tmp / BUILD_METRICS_FILE, metrics)
+        _make_readable(tmp)
     log.info("demo base built in %.0fs: held-out ppl %s (unigram %s), %d params -> %s",
              metrics["wall_time_s"], metrics["heldout_ppl"], metrics["unigram_heldout_ppl"], num_params, out_dir)
     return metrics
@@ -531,4 +537,4 @@ def ensure_demo_base(
 def _is_complete(path: Path) -> bool:
     # atomic_output_dir only renames a finished directory into place; the checks guard against
     # a directory someone put there by hand.
-    return (path / DEMO_BUILD_FILE).is_file() and (path / "model.safetensors").is_file()
+    return (path / BUILD_METRICS_FILE).is_file() and (path / "model.safetensors").is_file()

@@ -95,9 +95,11 @@ def report_end(cfg: PipelineConfig, results: dict) -> None:
 def base_inputs(cfg: PipelineConfig) -> tuple[str, list[dict]]:
     """(model directory or hub id of the base model, its inputs for the manifest)."""
     if cfg.model.demo is not None:
-        from pipeline.demo import ensure_demo_base
+        from pipeline.demo import RecordOptions, ensure_demo_base
 
-        path = ensure_demo_base(cfg.model.demo, Path(cfg.paths.cache_dir), heldout_fraction=cfg.data.heldout_fraction)
+        # The demo base must hold out exactly the records the eval stage scores.
+        path = ensure_demo_base(cfg.model.demo, Path(cfg.paths.cache_dir), heldout_fraction=cfg.data.heldout_fraction,
+                                records=RecordOptions(cfg.data.txt_document_separator, cfg.data.max_record_chars))
         return str(path), [{"role": "model", "path": str(path), "sha256": hash_path(path)}]
     src = cfg.model.name_or_path
     if Path(src).is_dir():

@@ -224,9 +224,10 @@ def test_short_pretraining_lowers_the_loss(tiny_base_model_build, tiny_demo_conf
     assert metrics["heldout_tokens"] > 0
     assert metrics["tokens_seen"] == tiny_demo_config.train_steps * tiny_demo_config.batch_size * tiny_demo_config.seq_len
     assert metrics["num_params"] > 0 and metrics["wall_time_s"] > 0
+    assert json.loads((d / demo.BUILD_METRICS_FILE).read_text()) == pytest.approx(metrics)
     info = json.loads((d / demo.DEMO_BUILD_FILE).read_text())
-    assert info["metrics"]["heldout_loss"] == pytest.approx(metrics["heldout_loss"])
     assert info["heldout_fraction"] == tiny_heldout_fraction
+    assert info["config"] == dataclasses.asdict(tiny_demo_config)
 
 
 def test_build_is_deterministic(tiny_demo_config, tiny_tokenizer_dir, tmp_path):
@@ -247,7 +248,7 @@ def test_build_without_heldout_records(tiny_demo_config, tiny_tokenizer_dir, tmp
                                    tokenizer_dir=tiny_tokenizer_dir)
     assert metrics["heldout_records"] == 0 and metrics["heldout_tokens"] == 0
     assert metrics["heldout_loss"] is None and metrics["heldout_ppl"] is None
-    json.loads((tmp_path / "m" / demo.DEMO_BUILD_FILE).read_text(), parse_constant=pytest.fail)  # strict JSON
+    json.loads((tmp_path / "m" / demo.BUILD_METRICS_FILE).read_text(), parse_constant=pytest.fail)  # strict JSON
     with pytest.raises(FileExistsError):  # never silently replaces a directory
         demo.build_demo_base(cfg, tmp_path / "m", heldout_fraction=0.0, progress=False,
                              tokenizer_dir=tiny_tokenizer_dir)
