@@ -68,7 +68,9 @@ def run_eval_stage(cfg: PipelineConfig) -> dict:
                     batch_size=cfg.eval.harness_batch_size or cfg.eval.batch_size, device=cfg.eval.harness_device,
                     num_fewshot=dict(cfg.eval.harness_num_fewshot) or None, limit=cfg.eval.harness_limit,
                     data_files=data_files, average=dict(cfg.eval.harness_average) or None,
-                    model_args={"trust_remote_code": cfg.model.trust_remote_code},
+                    # Rolling perplexity windows of the length the models were trained and scored at
+                    # (lm-eval's default is the model's whole context, beyond what a small run trained).
+                    model_args={"trust_remote_code": cfg.model.trust_remote_code, "max_length": cfg.eval.seq_len},
                 ))
     chance = {}
     if harness and "dus_mc" in cfg.eval.harness_tasks:
