@@ -1,6 +1,5 @@
 """Every config composes into the typed schema; bad keys and types fail at composition."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

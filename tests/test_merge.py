@@ -154,7 +154,7 @@ def test_scale_parameter(models, tmp_path):
     for i in range(6, 12):
         t = (i - 6) / 5
         src_layer = m["layer_map"][i][1]
-        o = f"model.layers.{{}}.self_attn.o_proj.weight"
+        o = "model.layers.{}.self_attn.o_proj.weight"
         assert torch.equal(merged[o.format(i)], source[o.format(src_layer)] * ((1 - t) * 0.5 + t * 1.0))
         d = "model.layers.{}.mlp.down_proj.weight"
         assert torch.equal(merged[d.format(i)], source[d.format(src_layer)] * 0.25)
