@@ -176,14 +176,20 @@ def test_multirun_runs_two_pipelines_and_reuses_the_merge(tmp_path, tiny_data_di
     directories; the identical merge is computed once (training in-process to keep CI short: the
     2-process path is covered above)."""
     overrides = [o for o in tiny_overrides(tiny_data_dir, tmp_path) if not o.startswith("run_name")]
+    # sft=lora here: the LoRA path end to end (adapter merged into the saved weights, verified).
     proc = run_cli(["-m", *overrides, "run_name=sweep", "distributed=inprocess", "cpt.max_steps=2",
-                    "sft.max_steps=2", "cpt.learning_rate=1e-3,2e-3"])
+                    "sft.max_steps=2", "sft=lora", "cpt.learning_rate=1e-3,2e-3"])
     jobs = [tmp_path / "sweep_multirun" / str(i) for i in (0, 1)]
     lrs = []
     for job in jobs:
         assert (job / "04_eval" / "results.json").is_file(), proc.stdout[-2000:]
         lrs.append(manifest(job, "02_cpt")["config"]["cpt"]["learning_rate"])
     assert sorted(lrs) == [1e-3, 2e-3]
+    sft = manifest(jobs[0], "03_sft")
+    assert sft["config"]["sft"]["use_lora"] and 0 < sft["metrics"]["trainable_parameters"] < sft["metrics"]["num_parameters"]
+    assert not (jobs[0] / "03_sft" / "adapter").exists() and (jobs[0] / "03_sft" / "model.safetensors").is_file()
+    v = sft["metrics"]["verification"]
+    assert v["abs_diff"] <= v["rtol"] * abs(v["trained_fixed_batch_loss"])
     merges = [manifest(job, "01_merge")["metrics"] for job in jobs]
     assert merges[0]["reused_from_cache"] is None and merges[1]["reused_from_cache"]
     shards = [next((job / "01_merge").glob("*.safetensors")) for job in jobs]

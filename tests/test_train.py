@@ -53,3 +53,40 @@ def test_precision_and_attention_are_chosen_for_the_machine():
         with pytest.raises(ConfigError, match="bf16"):
             use_bf16(True)
     assert attn_implementation("eager") == "eager"
+
+
+def test_sft_trains_on_assistant_tokens_only(tmp_path, tiny_base_model_dir, tiny_data_dir):
+    """The labels TRL's SFTTrainer actually trains on (our stage's trainer, one batch from its
+    collator) are exactly each assistant reply plus its end-of-turn token, on real token ids."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import DataConfig, PathsConfig, PipelineConfig, SFTConfig
+    from pipeline.data import load_conversations
+    from pipeline.sft import build_sft_trainer
+
+    cfg = PipelineConfig(data=DataConfig(sft_files=[str(tiny_data_dir / "instructions.jsonl")], heldout_fraction=0.0),
+                         sft=SFTConfig(max_length=128, per_device_train_batch_size=4, max_steps=1),
+                         paths=PathsConfig(run_dir=str(tmp_path)))
+    cfg.model.name_or_path = str(tiny_base_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_base_model_dir)
+    trainer, collator, *_ = build_sft_trainer(cfg, tokenizer=tok, input_model=str(tiny_base_model_dir),
+                                              checkpoint_dir=tmp_path / "ck", ds_config=None, bf16=False, attn="sdpa")
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = collator(rows)
+    conversations = load_conversations(cfg.data.sft_files)
+    by_prompt = {}
+    for conv in conversations:
+        by_prompt.setdefault(conv[0]["content"], conv)
+    checked = 0
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        trained = [t for t, lab in zip(ids, labels) if lab != -100]
+        assert trained, "no token is trained"
+        text = tok.decode(ids, skip_special_tokens=True)
+        conv = next(c for p, c in by_prompt.items() if text.startswith(p))
+        expected = tok(conv[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        # Turns are separated by special tokens only, so the reply's tokens appear unchanged in the
+        # conversation; truncation at max_length can only cut the end.
+        truncated = sum(1 for t in ids if t != tok.pad_token_id) >= cfg.sft.max_length
+        assert trained == (expected[: len(trained)] if truncated else expected)
+        checked += 1
+    assert checked == 4
