@@ -73,11 +73,13 @@ def check_data_file(path: str, *, field: str) -> Path:
     return p
 
 
-def _read_rows(path: Path, *, field: str) -> Iterator[dict]:
+def read_rows(path: Path, *, field: str) -> Iterator[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        yield from pq.read_table(path).to_pylist()
+        # Batch by batch, so a caller that needs only the first rows reads only those.
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
         return
     if path.suffix == ".json":
         rows = json.loads(path.read_text())
@@ -127,7 +129,7 @@ def load_text_records(
             docs: Iterable[str] = path.read_text(encoding="utf-8").split(txt_document_separator)
         else:
             docs = []
-            rows = load_hub_rows(name, field=field) if hub else _read_rows(path, field=field)
+            rows = load_hub_rows(name, field=field) if hub else read_rows(path, field=field)
             for i, row in enumerate(rows):
                 if text_column not in row:
                     raise ConfigError(
@@ -157,7 +159,7 @@ def load_conversations(
         path = None if hub else check_data_file(name, field=field)
         if path is not None and path.suffix == ".txt":
             raise ConfigError(field, f"{path}: sft data must be .jsonl/.json/.parquet with a '{messages_column}' column")
-        for i, row in enumerate(load_hub_rows(name, field=field) if hub else _read_rows(path, field=field)):
+        for i, row in enumerate(load_hub_rows(name, field=field) if hub else read_rows(path, field=field)):
             msgs = row.get(messages_column)
             if msgs is None:
                 raise ConfigError(

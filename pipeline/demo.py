@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pipeline.config import DemoModelConfig
-from pipeline.data import conversation_key, load_conversations, load_text_records, split_records
+from pipeline.data import conversation_key, load_conversations, load_text_records, read_rows, split_records
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, file_lock, hash_path, hash_text
 
@@ -159,18 +159,6 @@ def load_demo_corpus(cfg: DemoModelConfig, heldout_fraction: float, records: Rec
     return split_records(recs, heldout_fraction)
 
 
-def _first_row(path: Path) -> dict:
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        return json.loads(line)
-                    except json.JSONDecodeError:
-                        return {}
-    return {}
-
-
 def tokenizer_training_texts(
     cfg: DemoModelConfig, heldout_fraction: float, records: RecordOptions = RecordOptions()
 ) -> list[str]:
@@ -186,7 +174,7 @@ def tokenizer_training_texts(
         path = Path(name)
         if path.exists() and path.resolve() == corpus:
             continue
-        if path.suffix != ".txt" and "messages" in _first_row(path):
+        if path.suffix != ".txt" and "messages" in next(read_rows(path, field="model.demo.tokenizer_files"), {}):
             convs = load_conversations([name], field="model.demo.tokenizer_files")
             for conv in split_records(convs, heldout_fraction, key=conversation_key).train:
                 texts.extend(m["content"] for m in conv)

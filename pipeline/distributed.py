@@ -38,10 +38,6 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or launched_world_size() > 1
 
 
-def global_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def clean_child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items()

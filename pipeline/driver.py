@@ -136,8 +136,8 @@ def resolved_merge_config(cfg: PipelineConfig, base_model_dir: str):
         for src in out_slice.sources:
             if src.model is None or src.model == cfg.model.name_or_path:
                 src.model = base_model_dir
-    if merge.tokenizer_source is None or merge.tokenizer_source == cfg.model.name_or_path:
-        merge.tokenizer_source = merge.tokenizer_source and base_model_dir
+    if merge.tokenizer_source == cfg.model.name_or_path:
+        merge.tokenizer_source = base_model_dir
     if merge.base_model == cfg.model.name_or_path:
         merge.base_model = base_model_dir
     return merge

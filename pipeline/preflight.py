@@ -6,7 +6,6 @@ merges or writes model files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -21,27 +20,9 @@ class PreflightFailed(ConfigError):
         super().__init__("preflight", f"{len(problems)} problem(s) found before starting:\n{lines}")
 
 
-def _first_row(path: Path) -> dict | None:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        if pf.metadata.num_rows == 0:
-            return None
-        return pf.read_row_group(0).slice(0, 1).to_pylist()[0]
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text())
-        return rows[0] if isinstance(rows, list) and rows else None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return json.loads(line)
-    return None
-
-
 def _check_files(files: list[str], *, field: str, column: str, column_field: str, txt_ok: bool, what: str) -> None:
     """Each file exists (or is a reachable hub dataset), is not empty, and has ``column``."""
-    from pipeline.data import check_data_file, is_hub_dataset_name, require_hub_access
+    from pipeline.data import check_data_file, is_hub_dataset_name, read_rows, require_hub_access
 
     if not files:
         raise ConfigError(field, "is empty", f"list the {what}")
@@ -56,7 +37,7 @@ def _check_files(files: list[str], *, field: str, column: str, column_field: str
             if path.stat().st_size == 0:
                 raise ConfigError(field, f"{name} is empty")
             continue
-        row = _first_row(path)
+        row = next(read_rows(path, field=field), None)
         if row is None:
             raise ConfigError(field, f"{name} has no rows")
         if column not in row:
