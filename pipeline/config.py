@@ -67,8 +67,21 @@ class DataConfig:
     # Long documents are cut at paragraph boundaries into records of at most this many characters,
     # so the held-out split samples every part of the corpus.
     max_record_chars: int = 4000
-    # Conversational data for sft: files with a ``messages`` column (role/content dicts).
+    # Mixture weights, one per cpt file: the share of training tokens drawn from each (e.g. [0.8, 0.2]).
+    # None = every file's documents once. Sources are subsampled (the mixture is as large as the
+    # most constraining source allows) or, with cpt_mixture_strategy=oversample, repeated.
+    cpt_weights: Optional[List[float]] = None
+    cpt_mixture_strategy: str = "undersample"  # undersample | oversample
+    # Stream cpt data (tokenized and packed on the fly, never materialised) instead of tokenizing
+    # it once into the on-disk cache. Needs cpt.max_steps > 0 (a stream has no length).
+    streaming: bool = False
+    # Processes for tokenizing (datasets.map num_proc); None = min(8, CPU count).
+    tokenize_num_proc: Optional[int] = None
+    # Conversational data for sft, in any of these formats (auto = detected from the columns):
+    # messages (chat: role/content dicts in ``messages_column``), sharegpt (``conversations`` of
+    # from/value), alpaca (instruction/input/output), prompt_completion (prompt/completion).
     sft_files: List[str] = field(default_factory=list)
+    sft_format: str = "auto"
     messages_column: str = "messages"
     # Share of records held out for evaluation (chosen by content hash: stable across runs).
     heldout_fraction: float = 0.05

@@ -43,7 +43,8 @@ def run_eval_stage(cfg: PipelineConfig) -> dict:
                                 txt_document_separator=cfg.data.txt_document_separator,
                                 max_record_chars=cfg.data.max_record_chars)
     heldout_texts = split_records(records, cfg.data.heldout_fraction).heldout
-    conversations = load_conversations(list(cfg.data.sft_files), messages_column=cfg.data.messages_column)
+    conversations = load_conversations(list(cfg.data.sft_files), messages_column=cfg.data.messages_column,
+                                       sft_format=cfg.data.sft_format)
     heldout_convs = split_records(conversations, cfg.data.heldout_fraction, conversation_key).heldout
     # Every stage's conversations are rendered with the final chat template, so the token
     # sequences (and losses) are comparable across stages.

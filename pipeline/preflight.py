@@ -45,13 +45,63 @@ def _check_files(files: list[str], *, field: str, column: str, column_field: str
                               f"set {column_field} to the right column, or convert the data")
 
 
+def first_sft_rows(cfg: PipelineConfig) -> list[tuple[str, dict]]:
+    """(file, first row) of each local sft file (hub datasets are checked for access only)."""
+    from pipeline.data import check_data_file, is_hub_dataset_name, read_rows, require_hub_access
+
+    out = []
+    for name in cfg.data.sft_files:
+        if is_hub_dataset_name(name):
+            require_hub_access(name, field="data.sft_files")
+            continue
+        path = check_data_file(name, field="data.sft_files")
+        if path.suffix == ".txt":
+            raise ConfigError("data.sft_files", f"{name} is a .txt file",
+                              "give .jsonl/.json/.parquet rows: chat messages, ShareGPT, alpaca or prompt/completion")
+        row = next(read_rows(path, field="data.sft_files"), None)
+        if row is None:
+            raise ConfigError("data.sft_files", f"{name} has no rows", "give a file with at least one conversation")
+        out.append((name, row))
+    return out
+
+
+def check_sft_files(cfg: PipelineConfig) -> None:
+    """Each sft file's first row converts to a conversation in its (detected) format."""
+    from pipeline.data import sft_row_messages
+
+    if not cfg.data.sft_files:
+        raise ConfigError("data.sft_files", "is empty", "list the conversation files for sft")
+    for name, row in first_sft_rows(cfg):
+        sft_row_messages(row, fmt=cfg.data.sft_format, messages_column=cfg.data.messages_column,
+                         where=f"data.sft_files ({name}) row 0")
+
+
+def check_sft_sample_formatting(cfg: PipelineConfig, tokenizer, source: str) -> None:
+    """A sample row through the real formatting: the chat template applied and, with assistant-only
+    loss, assistant tokens found (a template whose markers wrap nothing trains on nothing)."""
+    from pipeline.data import sft_row_messages
+
+    for name, row in first_sft_rows(cfg):
+        msgs = sft_row_messages(row, fmt=cfg.data.sft_format, messages_column=cfg.data.messages_column,
+                                where=f"data.sft_files ({name}) row 0")
+        try:
+            enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=cfg.sft.assistant_only_loss)
+        except Exception as e:  # noqa: BLE001 - jinja/template errors come in many types; the user needs the cause
+            raise ConfigError(f"tokenizer of {source}", f"its chat template fails on {name} row 0 ({type(e).__name__}: {e})",
+                              "fix the template or the data's roles") from None
+        if cfg.sft.assistant_only_loss and not any(enc["assistant_masks"]):
+            raise ConfigError("sft.assistant_only_loss",
+                              f"the chat template of {source} marks no assistant token in {name} row 0",
+                              "put {% generation %} ... {% endgeneration %} around the assistant content")
+
+
 def check_data(cfg: PipelineConfig, stages: list[str]) -> None:
     if "cpt" in stages or "eval" in stages:
         _check_files(list(cfg.data.cpt_files), field="data.cpt_files", column=cfg.data.text_column,
                      column_field="data.text_column", txt_ok=True, what="raw-text files for continued pretraining")
     if "sft" in stages or "eval" in stages:
-        _check_files(list(cfg.data.sft_files), field="data.sft_files", column=cfg.data.messages_column,
-                     column_field="data.messages_column", txt_ok=False, what="conversation files for sft")
+        check_sft_files(cfg)
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError("data.heldout_fraction", f"must be in [0, 1), got {cfg.data.heldout_fraction}")
 
@@ -95,6 +145,7 @@ def check_base_and_merge(cfg: PipelineConfig, stages: list[str]) -> None:
         if Path(tok_src).is_dir():
             tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=cfg.model.trust_remote_code)
             check_chat_template(tok, assistant_only_loss=cfg.sft.assistant_only_loss, source=tok_src)
+            check_sft_sample_formatting(cfg, tok, tok_src)
 
 
 def check_distributed(cfg: PipelineConfig, stages: list[str]) -> None:

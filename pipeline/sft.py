@@ -62,7 +62,8 @@ def build_sft_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
 
     sc = cfg.sft
     check_chat_template(tokenizer, assistant_only_loss=sc.assistant_only_loss, source=input_model)
-    conversations = load_conversations(list(cfg.data.sft_files), messages_column=cfg.data.messages_column)
+    conversations = load_conversations(list(cfg.data.sft_files), messages_column=cfg.data.messages_column,
+                                       sft_format=cfg.data.sft_format)
     split = split_records(conversations, cfg.data.heldout_fraction, conversation_key)
     train_ds = datasets.Dataset.from_list([{"messages": c} for c in split.train])
     fixed_batch = assistant_masked_batch(tokenizer, (split.heldout or split.train)[:FIXED_BATCH_EXAMPLES],
