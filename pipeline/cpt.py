@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from pipeline.config import PipelineConfig
-from pipeline.data import load_text_records, pack_documents, split_records, tokenize_records
+from pipeline.cpt_data import BLOCK_COLUMNS, CPTData, prepare_cpt_data, prepare_streaming_cpt_data
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest, stage_dir
 from pipeline.train import RecordingCollator, freeze_except, layers_added_by_merge, load_causal_lm, trainer_kwargs
@@ -17,30 +15,25 @@ from pipeline.train import RecordingCollator, freeze_except, layers_added_by_mer
 FIXED_BATCH_BLOCKS = 4
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def __len__(self):
-        return len(self.blocks.input_ids)
-
-    def __getitem__(self, i):
-        return {
-            "input_ids": torch.tensor(self.blocks.input_ids[i]),
-            "position_ids": torch.tensor(self.blocks.position_ids[i]),
-            "labels": torch.tensor(self.blocks.labels[i]),
-        }
+def build_cpt_data(cfg: PipelineConfig, tokenizer, *, announce_hit: bool = True) -> CPTData:
+    if cfg.data.streaming:
+        return prepare_streaming_cpt_data(cfg, tokenizer)
+    return prepare_cpt_data(cfg, tokenizer, announce_hit=announce_hit)
 
 
-def build_cpt_data(cfg: PipelineConfig, tokenizer):
-    records = load_text_records(
-        list(cfg.data.cpt_files), text_column=cfg.data.text_column,
-        txt_document_separator=cfg.data.txt_document_separator, max_record_chars=cfg.data.max_record_chars,
-    )
-    split = split_records(records, cfg.data.heldout_fraction)
-    train = pack_documents(tokenize_records(tokenizer, split.train), cfg.cpt.seq_len)
-    heldout = pack_documents(tokenize_records(tokenizer, split.heldout), cfg.cpt.seq_len) if split.heldout else None
-    return train, heldout
+def tokenize_cpt_data_ahead(cfg: PipelineConfig, tokenizer_dir: str) -> None:
+    """Fill the tokenized-data cache before the training processes start, so no rank tokenizes
+    while the others wait (a multi-node job would otherwise race on a network filesystem)."""
+    from transformers import AutoTokenizer
+
+    if not cfg.data.streaming:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
+        prepare_cpt_data(cfg, tokenizer)
+
+
+def first_blocks(blocks, n: int) -> dict[str, list[list[int]]]:
+    rows = blocks.with_format(None)[:n]
+    return {k: rows[k] for k in BLOCK_COLUMNS}
 
 
 def run_cpt(cfg: PipelineConfig):
@@ -63,16 +56,23 @@ def trainable_layers(cfg: PipelineConfig) -> list[int] | None:
 
 def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, checkpoint_dir,
                       ds_config: dict | None, bf16: bool, attn: str):
+    from accelerate import PartialState
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    train_blocks, heldout_blocks = build_cpt_data(cfg, tokenizer)
-    data_stats = train_blocks.stats(tokenizer.pad_token_id)
-    fixed_src = heldout_blocks if heldout_blocks and heldout_blocks.input_ids else train_blocks
-    fixed_batch = {k: getattr(fixed_src, k)[:FIXED_BATCH_BLOCKS] for k in ("input_ids", "position_ids", "labels")}
+    data = build_cpt_data(cfg, tokenizer, announce_hit=PartialState().is_main_process)
+    if data.heldout is not None:
+        fixed_batch = first_blocks(data.heldout, FIXED_BATCH_BLOCKS)
+    elif not cfg.data.streaming:
+        fixed_batch = first_blocks(data.train, FIXED_BATCH_BLOCKS)
+    else:
+        raise ConfigError("data.heldout_fraction", "is 0 with data.streaming=true: no fixed batch to verify the export on",
+                          "set data.heldout_fraction > 0 (e.g. 0.01)")
+    data_stats = data.stats
     args = TrainingArguments(**trainer_kwargs(cfg.cpt, output_dir=checkpoint_dir, ds_config=ds_config, bf16=bf16))
-    model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
+                           allow_pickle=cfg.model.allow_pickle)
     freeze_except(model, layers=trainable_layers(cfg), patterns=list(cfg.cpt.trainable_patterns))
     collator = RecordingCollator(default_data_collator)
-    trainer = Trainer(model=model, args=args, train_dataset=PackedDataset(train_blocks), data_collator=collator,
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
                       processing_class=tokenizer)
     return trainer, collator, fixed_batch, data_stats, cfg.cpt.seq_len, False

@@ -51,19 +51,6 @@ def require_hub_access(name: str, *, field: str) -> None:
                           "run with network access, or download it and point at local .jsonl/.parquet files")
 
 
-def load_hub_rows(name: str, *, field: str) -> list[dict]:
-    """Rows of a hub dataset ``org/name[:split]`` (default split: train), via ``datasets``."""
-    repo, _, split = name.partition(":")
-    require_hub_access(repo, field=field)
-    import datasets
-
-    try:
-        return datasets.load_dataset(repo, split=split or "train").to_list()
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the name and cause
-        raise ConfigError(field, f"hub dataset '{repo}' could not be loaded ({type(e).__name__}: {e})",
-                          "check the name and split, or use local files") from None
-
-
 def check_data_file(path: str, *, field: str) -> Path:
     p = Path(path)
     if not p.exists():
@@ -114,34 +101,68 @@ def _cut_paragraphs(doc: str, max_chars: int) -> Iterator[str]:
         yield "\n\n".join(piece)
 
 
+def _iter_txt_documents(path: Path, separator: str, chunk_chars: int = 8 << 20) -> Iterator[str]:
+    """Documents of a .txt file read in chunks, so a corpus larger than memory is never read whole."""
+    carry = ""
+    with open(path, encoding="utf-8") as f:
+        while chunk := f.read(chunk_chars):
+            parts = (carry + chunk).split(separator)
+            carry = parts.pop()
+            yield from parts
+    yield carry
+
+
+def iter_hub_rows(name: str, *, field: str) -> Iterator[dict]:
+    """Rows of a hub dataset ``org/name[:split]``, streamed (never materialised)."""
+    repo, _, split = name.partition(":")
+    require_hub_access(repo, field=field)
+    import datasets
+
+    try:
+        yield from datasets.load_dataset(repo, split=split or "train", streaming=True)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the name and cause
+        raise ConfigError(field, f"hub dataset '{repo}' could not be streamed ({type(e).__name__}: {e})",
+                          "check the name and split, or use local files") from None
+
+
+def iter_text_records(
+    name: str, *, text_column: str = "text", txt_document_separator: str = "\n\n\n",
+    max_record_chars: int = 4000, field: str = "data.cpt_files",
+) -> Iterator[str]:
+    """Records of raw text from one local file or hub dataset, one at a time."""
+    hub = is_hub_dataset_name(name)
+    path = None if hub else check_data_file(name, field=field)
+    if path is not None and path.suffix == ".txt":
+        docs: Iterable[str] = _iter_txt_documents(path, txt_document_separator)
+    else:
+        docs = _column_values(iter_hub_rows(name, field=field) if hub else read_rows(path, field=field),
+                              text_column, where=f"{field} ({name})")
+    for doc in docs:
+        doc = doc.strip()
+        if doc:
+            yield from _cut_paragraphs(doc, max_record_chars)
+
+
+def _column_values(rows: Iterable[dict], column: str, *, where: str) -> Iterator[str]:
+    for i, row in enumerate(rows):
+        if column not in row:
+            raise ConfigError(where, f"row {i} has no column '{column}' (columns: {sorted(row)})",
+                              "set data.text_column to the column holding the text")
+        yield row[column]
+
+
 def load_text_records(
     files: list[str], *, text_column: str = "text", txt_document_separator: str = "\n\n\n",
     max_record_chars: int = 4000, field: str = "data.cpt_files",
 ) -> list[str]:
-    """Records of raw text from local files (hub dataset names: see ``load_hub_text``)."""
+    """Records of raw text from local files and hub datasets, in memory (see ``pipeline.cpt_data``
+    for corpora that should not be)."""
     if not files:
         raise ConfigError(field, "no files given", "list at least one .txt/.jsonl/.parquet file")
     records: list[str] = []
     for name in files:
-        hub = is_hub_dataset_name(name)
-        path = None if hub else check_data_file(name, field=field)
-        if path is not None and path.suffix == ".txt":
-            docs: Iterable[str] = path.read_text(encoding="utf-8").split(txt_document_separator)
-        else:
-            docs = []
-            rows = load_hub_rows(name, field=field) if hub else read_rows(path, field=field)
-            for i, row in enumerate(rows):
-                if text_column not in row:
-                    raise ConfigError(
-                        f"{field} ({name})",
-                        f"row {i} has no column '{text_column}' (columns: {sorted(row)})",
-                        "set data.text_column to the column holding the text",
-                    )
-                docs.append(row[text_column])
-        for doc in docs:
-            doc = doc.strip()
-            if doc:
-                records.extend(_cut_paragraphs(doc, max_record_chars))
+        records.extend(iter_text_records(name, text_column=text_column, txt_document_separator=txt_document_separator,
+                                         max_record_chars=max_record_chars, field=field))
     if not records:
         raise ConfigError(field, f"{files} contain no text", "check the files are not empty")
     return records
@@ -247,7 +268,7 @@ def load_conversations(
         path = None if hub else check_data_file(name, field=field)
         if path is not None and path.suffix == ".txt":
             raise ConfigError(field, f"{path}: sft data must be .jsonl/.json/.parquet rows (chat, ShareGPT, alpaca or prompt/completion)")
-        for i, row in enumerate(load_hub_rows(name, field=field) if hub else read_rows(path, field=field)):
+        for i, row in enumerate(iter_hub_rows(name, field=field) if hub else read_rows(path, field=field)):
             conversations.append(sft_row_messages(row, fmt=sft_format, messages_column=messages_column,
                                                   where=f"{field} ({name}) row {i}"))
     if not conversations:
@@ -305,33 +326,40 @@ def tokenize_records(tokenizer, records: list[str], *, batch_size: int = 256) ->
     return out
 
 
-def pack_documents(docs: list[list[int]], seq_len: int) -> PackedBlocks:
-    """Concatenate documents and cut into blocks of ``seq_len`` (the incomplete tail is dropped).
+def iter_packed_blocks(docs: Iterable[list[int]], seq_len: int) -> Iterator[tuple[list[int], list[int], list[int]]]:
+    """(input_ids, position_ids, labels) blocks of ``seq_len`` cut from the concatenated documents;
+    the incomplete tail is not yielded.
 
     A document split across two blocks continues in the next block as a new segment (positions
     restart at 0 there) - the standard trade-off of stream packing, and it keeps efficiency ~100%.
     """
     if seq_len < 2:
         raise ConfigError("cpt.seq_len", f"must be >= 2, got {seq_len}")
-    ids_stream: list[int] = []
+    ids: list[int] = []
     starts: list[bool] = []
     for doc in docs:
-        ids_stream.extend(doc)
+        ids.extend(doc)
         starts.extend([True] + [False] * (len(doc) - 1))
-    n_blocks = len(ids_stream) // seq_len
+        while len(ids) >= seq_len:
+            block, block_starts = ids[:seq_len], starts[:seq_len]
+            del ids[:seq_len], starts[:seq_len]
+            pos, lab = [], []
+            p = 0
+            for i, (tok, doc_start) in enumerate(zip(block, block_starts)):
+                if doc_start or i == 0:
+                    p = 0
+                pos.append(p)
+                lab.append(-100 if (doc_start and i > 0) else tok)
+                p += 1
+            yield block, pos, lab
+
+
+def pack_documents(docs: list[list[int]], seq_len: int) -> PackedBlocks:
+    """Concatenate documents and cut into blocks of ``seq_len`` (the incomplete tail is dropped)."""
     input_ids, position_ids, labels = [], [], []
-    for b in range(n_blocks):
-        lo, hi = b * seq_len, (b + 1) * seq_len
-        block = ids_stream[lo:hi]
-        pos, lab = [], []
-        p = 0
-        for i, tok in enumerate(block):
-            if starts[lo + i] or i == 0:
-                p = 0
-            pos.append(p)
-            lab.append(-100 if (starts[lo + i] and i > 0) else tok)
-            p += 1
+    for block, pos, lab in iter_packed_blocks(docs, seq_len):
         input_ids.append(block)
         position_ids.append(pos)
         labels.append(lab)
-    return PackedBlocks(input_ids, position_ids, labels, len(ids_stream), len(ids_stream) - n_blocks * seq_len)
+    total = sum(len(d) for d in docs)
+    return PackedBlocks(input_ids, position_ids, labels, total, total - len(input_ids) * seq_len)
