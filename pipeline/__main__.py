@@ -27,12 +27,14 @@ def _hydra_main():
         # Handled here: Hydra would otherwise print a traceback for what is a user's config error.
         try:
             return _run(dict_cfg)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except StageFailed as e:
-            print(f"failed: {e}", file=sys.stderr)
-            sys.exit(1)
+        except (ConfigError, StageFailed) as e:
+            print(f"{'error' if isinstance(e, ConfigError) else 'failed'}: {e}", file=sys.stderr)
+            if _in_multirun():
+                # Raised, not sys.exit: Hydra then marks this job failed, runs the other jobs,
+                # records it (pipeline/sweep.py) and exits non-zero after the batch. SystemExit
+                # would end the whole sweep here (basic launcher) or lose every job's result (submitit).
+                raise
+            sys.exit(2 if isinstance(e, ConfigError) else 1)
 
     def _run(dict_cfg) -> float | None:
         from pipeline.configio import to_typed
@@ -48,12 +50,29 @@ def _hydra_main():
             run_training_stage(cfg, cfg.stage)
             return None
         from pipeline.driver import run_pipeline
+        from pipeline.slurm import apply_slurm_environment, is_follower, record_leader_failure, run_follower
 
-        results = run_pipeline(cfg)
+        # Inside a multi-node SLURM job every node runs this; node 0 leads, the others join training.
+        cfg = apply_slurm_environment(cfg)
+        if is_follower(cfg):
+            run_follower(cfg)
+            return None
+        try:
+            results = run_pipeline(cfg)
+        except BaseException as e:
+            record_leader_failure(cfg, e)
+            raise
         # The value a sweeper (Optuna) optimises: the final model's held-out perplexity.
         return results.get("objective")
 
     return app
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:

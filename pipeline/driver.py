@@ -185,7 +185,9 @@ def run_merge_stage(cfg: PipelineConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------- training
 
-def launch_training_stage(cfg: PipelineConfig, stage: str) -> dict:
+def launch_training_stage(cfg: PipelineConfig, stage: str, *, wait_for_manifest_s: float = 0) -> dict:
+    """wait_for_manifest_s: on a follower node of a multi-node job the manifest is written by
+    the leader's rank 0 after this node's launcher has returned (pipeline/slurm.py)."""
     from pipeline.train import stage_input, training_inputs, training_key
 
     prev_stage, prev_manifest, input_model = stage_input(cfg, stage)
@@ -216,6 +218,10 @@ def launch_training_stage(cfg: PipelineConfig, stage: str) -> dict:
             raise StageFailed(f"stage '{stage}' failed (accelerate launch exit code {proc.returncode}); "
                               f"re-run the same command to resume from its last checkpoint")
     m = read_manifest(final)
+    deadline = time.time() + wait_for_manifest_s
+    while m is None and time.time() < deadline:
+        time.sleep(1.0)
+        m = read_manifest(final)
     if m is None:
         raise StageFailed(f"stage '{stage}' ended without writing {final}/manifest.json")
     return m

@@ -15,6 +15,11 @@ class ConfigError(ValueError):
             text += f" -> {fix}"
         super().__init__(text)
 
+    def __reduce__(self):
+        # Picklable with its three fields: a sweep job's error travels back to the launcher
+        # (submitit pickles the job's result) and would otherwise fail to unpickle.
+        return type(self), (self.where, self.problem, self.fix)
+
 
 class StageFailed(RuntimeError):
     """A stage ran and failed (training crashed, verification mismatch, ...)."""

@@ -1,0 +1,174 @@
+"""Multi-node training inside a SLURM job: every node runs the driver, node 0 leads.
+
+``hydra/launcher=slurm`` submits one SLURM job per sweep point with one task per node. Each task
+runs ``python -m pipeline``'s task function with the same config. Here each node learns who it is
+from SLURM's environment (``SLURM_NNODES``, ``SLURM_NODEID``, the first host of
+``SLURM_JOB_NODELIST``) and then:
+
+- node 0 (the leader) runs the whole pipeline as on one machine: base, merge, each training stage
+  through ``accelerate launch --machine_rank 0``, eval, release;
+- every other node (a follower) only joins the training stages: it waits until the leader has
+  finished the stage's input, starts ``accelerate launch --machine_rank N`` with the same command,
+  and waits for the leader's manifest before the next stage.
+
+The run directory must be on a filesystem every node sees (it already must: ZeRO-3 checkpoints
+are written by every rank). Nothing here needs Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+from pipeline.config import TRAINING_STAGES, DistributedConfig, PipelineConfig
+from pipeline.errors import ConfigError, StageFailed
+
+# Written by the leader when its driver fails, so followers stop waiting for inputs that will not come.
+LEADER_FAILED = "leader_failed.json"
+# How long a follower waits for the leader to finish a stage's input (base + merge of a 7B model
+# takes minutes; the wait for the next stage's input after training is seconds).
+FOLLOWER_TIMEOUT_S = float(os.environ.get("DUS_FOLLOWER_TIMEOUT_S", 4 * 3600))
+
+
+def log(msg: str) -> None:
+    print(f"[dus] {msg}", flush=True)
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list (``gpu[01-03,07],login1``) as host names, in order.
+
+    What ``scontrol show hostnames`` prints; parsed here so it also works where scontrol is not on
+    PATH (containers). Zero padding is kept (``[08-10]`` -> gpu08, gpu09, gpu10).
+    """
+    hosts: list[str] = []
+    # Split on commas that are not inside brackets.
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
+        if not m:
+            hosts.append(item)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for rng in ranges.split(","):
+            lo, _, hi = rng.partition("-")
+            if not hi:
+                hosts.append(f"{prefix}{lo}{suffix}")
+                continue
+            for i in range(int(lo), int(hi) + 1):
+                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``scontrol show hostnames`` when present, else parsed."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    hosts = expand_hostlist(nodelist)
+    if not hosts:
+        raise ConfigError("SLURM_JOB_NODELIST", f"cannot read a host from '{nodelist}'")
+    return hosts[0]
+
+
+def slurm_distributed(dist: DistributedConfig, env: Mapping[str, str] | None = None
+                      ) -> tuple[DistributedConfig, str | None]:
+    """``dist`` with num_machines / machine_rank / main_process_ip / num_processes / port taken from
+    SLURM when this is a SLURM job on more than one node; (dist unchanged, None) otherwise.
+
+    The second value is the sentence to log. ``num_processes`` stays "processes per node x nodes":
+    the config's per-node count (``num_processes / num_machines``, 8 for zero3_8gpu) times
+    ``SLURM_NNODES``, so the same experiment runs on 1 node or N without editing it.
+    """
+    env = os.environ if env is None else env
+    nnodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
+    if "SLURM_JOB_ID" not in env or nnodes <= 1 or dist.launcher != "accelerate":
+        return dist, None
+    node_id = int(env.get("SLURM_NODEID", 0))
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+    main_ip = dist.main_process_ip or first_host(nodelist)
+    per_node = max(1, dist.num_processes // max(1, dist.num_machines))
+    # Every node must agree on the port without talking: derive it from the job id when unset.
+    port = dist.main_process_port or 20000 + int(env["SLURM_JOB_ID"]) % 20000
+    new = replace(dist, num_machines=nnodes, machine_rank=node_id, main_process_ip=main_ip,
+                  num_processes=per_node * nnodes, main_process_port=port)
+    msg = (f"SLURM job {env['SLURM_JOB_ID']} on {nnodes} nodes ({nodelist}): num_machines={nnodes}, "
+           f"machine_rank={node_id}, main_process_ip={main_ip}, main_process_port={port}, "
+           f"num_processes={new.num_processes} ({per_node} per node) - from SLURM_NNODES, SLURM_NODEID, "
+           f"SLURM_JOB_NODELIST")
+    return new, msg
+
+
+def apply_slurm_environment(cfg: PipelineConfig, env: Mapping[str, str] | None = None) -> PipelineConfig:
+    """Fill ``cfg.distributed`` from SLURM (see ``slurm_distributed``) and log what was filled."""
+    dist, msg = slurm_distributed(cfg.distributed, env)
+    if msg:
+        log(msg)
+        cfg = replace(cfg, distributed=dist)
+    return cfg
+
+
+def is_follower(cfg: PipelineConfig) -> bool:
+    return cfg.distributed.num_machines > 1 and cfg.distributed.machine_rank > 0
+
+
+def record_leader_failure(cfg: PipelineConfig, error: BaseException) -> None:
+    """Called by the leader when its driver fails, so followers stop waiting."""
+    if cfg.distributed.num_machines > 1 and cfg.distributed.machine_rank == 0:
+        from pipeline.fsutil import atomic_write_json
+
+        Path(cfg.paths.run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(cfg.paths.run_dir) / LEADER_FAILED,
+                          {"time": time.time(), "error": f"{type(error).__name__}: {error}"})
+
+
+def _wait(what: str, ready: Callable[[], bool], cfg: PipelineConfig, since: float, timeout_s: float,
+          poll_s: float = 2.0) -> None:
+    failed = Path(cfg.paths.run_dir) / LEADER_FAILED
+    deadline = time.time() + timeout_s
+    while not ready():
+        # A failure file older than this follower is a previous attempt's.
+        if failed.is_file() and failed.stat().st_mtime >= since:
+            raise StageFailed(f"the leader node failed ({json.loads(failed.read_text())['error']}); "
+                              f"stopped waiting for {what}")
+        if time.time() > deadline:
+            raise StageFailed(f"waited {timeout_s:.0f}s for {what} from the leader node (machine_rank 0); "
+                              f"is {cfg.paths.run_dir} on a filesystem all nodes share?")
+        time.sleep(poll_s)
+
+
+def run_follower(cfg: PipelineConfig, *, timeout_s: float = FOLLOWER_TIMEOUT_S) -> dict:
+    """A follower node's part of the pipeline: join each selected training stage (see module doc)."""
+    from pipeline.driver import RESOLVED_CONFIG, launch_training_stage, selected_stages
+    from pipeline.manifest import read_manifest, stage_dir
+
+    since = time.time()
+    stages = selected_stages(cfg)
+    log(f"machine_rank {cfg.distributed.machine_rank}: following the leader for {[s for s in stages if s in TRAINING_STAGES]}")
+    for i, stage in enumerate(stages):
+        if stage not in TRAINING_STAGES:
+            continue
+        # The stage's input is the model of the stage right before it in this run; waiting for
+        # "any" earlier stage would start training from base while the leader is still merging.
+        before = [s for s in stages[:i] if s in ("base", "merge", *TRAINING_STAGES)]
+        needs = [RESOLVED_CONFIG] + ([before[-1]] if before else [])
+
+        def ready() -> bool:
+            if not (Path(cfg.paths.run_dir) / RESOLVED_CONFIG).is_file():
+                return False
+            return not before or read_manifest(stage_dir(cfg.paths.run_dir, before[-1])) is not None
+
+        _wait(f"{stage}'s input ({', '.join(needs)})", ready, cfg, since, timeout_s)
+        # The leader's rank 0 writes the manifest after the launcher returns (export, verification).
+        launch_training_stage(cfg, stage, wait_for_manifest_s=timeout_s)
+    return {}

@@ -1,0 +1,158 @@
+"""Sweeps through the real CLI: jobs in parallel under submitit, an Optuna search, a sweep in which
+one job fails, and the SLURM environment -> multi-node launch settings.
+
+The slow tests run `python -m pipeline -m ...` as a user does (Hydra, its plugins and submitit are
+real); the fast ones call pipeline/sweep.py and pipeline/slurm.py directly.
+"""
+
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import DistributedConfig
+from pipeline.slurm import expand_hostlist, slurm_distributed
+from pipeline.sweep import format_summary, read_job_records, write_job_record
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_pipeline import manifest, run_cli, tiny_overrides  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for this module's sweeps: the demo base model is built once, not once per test."""
+    return tmp_path_factory.mktemp("sweep_cache")
+
+
+def sweep_overrides(data_dir: Path, out: Path, cache: Path) -> list[str]:
+    """tiny_overrides without run_name, no sft, and eval cut to what a sweep needs (cpt's held-out ppl)."""
+    return [o for o in tiny_overrides(data_dir, out) if not o.startswith(("run_name", "paths.cache_dir"))] + [
+        f"paths.cache_dir={cache}", "sft.enabled=false", "cpt.max_steps=2", "eval.stages=[cpt]",
+        "eval.max_heldout_tokens=2048", "eval.max_sft_heldout_examples=4", "release.enabled=false",
+    ]
+
+
+def submitit_logs(sweep_dir: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(sweep_dir.glob(".submitit/*/*_log.*")))
+
+
+# -------------------------------------------------------------------------------------------- fast
+
+def test_hostlist_expansion_matches_scontrol_show_hostnames():
+    # Expected values: what `scontrol show hostnames` prints for these lists (SLURM's hostlist rules).
+    assert expand_hostlist("gpu[08-10,15],login1") == ["gpu08", "gpu09", "gpu10", "gpu15", "login1"]
+    assert expand_hostlist("node1") == ["node1"]
+    assert expand_hostlist("a[1-2]-ib,b[7]") == ["a1-ib", "a2-ib", "b7"]
+
+
+def test_slurm_environment_fills_the_multinode_launch():
+    env = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "1",
+           "SLURM_JOB_NODELIST": "gpu[08-09]"}
+    dist, msg = slurm_distributed(DistributedConfig(num_processes=8, num_machines=1), env)
+    assert (dist.num_machines, dist.machine_rank, dist.main_process_ip, dist.num_processes) == (2, 1, "gpu08", 16)
+    assert dist.main_process_port == 20000 + 4242  # the same on every node without talking
+    assert "machine_rank=1" in msg and "main_process_ip=gpu08" in msg
+    # One node, or no SLURM: untouched.
+    same = DistributedConfig(num_processes=8)
+    assert slurm_distributed(same, {**env, "SLURM_NNODES": "1"}) == (same, None)
+    assert slurm_distributed(same, {}) == (same, None)
+
+
+def test_summary_is_rewritten_from_every_job_record(tmp_path):
+    write_job_record(tmp_path, {"num": 1, "overrides": ["x=2"], "status": "running"})
+    write_job_record(tmp_path, {"num": 0, "overrides": ["x=1"], "status": "completed", "objective": 3.5,
+                                "metrics": {"cpt/heldout_ppl": 3.5}, "run_dir": "/r/0"})
+    write_job_record(tmp_path, {"num": 1, "status": "failed", "error": "ConfigError: data.cpt_files: missing"})
+    records = read_job_records(tmp_path)
+    assert [(r["num"], r["status"]) for r in records] == [(0, "completed"), (1, "failed")]
+    assert records[1]["overrides"] == ["x=2"]  # an update keeps the fields written at the start
+    md = (tmp_path / "sweep_summary.md").read_text()
+    assert md == format_summary(records) and "| 1 | x=2 | failed |" in md and "ConfigError: data.cpt_files" in md
+    assert json.loads((tmp_path / "sweep_summary.json").read_text())["failed"] == [1]
+
+
+# -------------------------------------------------------------------------------------------- slow
+
+@pytest.mark.slow
+def test_failed_job_keeps_the_others_results_and_the_summary_names_it(tmp_path, tiny_data_dir, shared_cache):
+    """Job 1's corpus does not exist: only it fails (in preflight); job 0 completes; the sweep
+    exits non-zero and the summary lists both, with job 1's error line."""
+    missing = tmp_path / "no_such_corpus.txt"
+    args = [o for o in sweep_overrides(tiny_data_dir, tmp_path, shared_cache) if not o.startswith("data.cpt_files")]
+    proc = run_cli(["-m", *args, "run_name=sw", "distributed=inprocess",
+                    f"data.cpt_files=[{tiny_data_dir}/corpus.txt],[{missing}]"], check=False)
+    sweep_dir = tmp_path / "sw_multirun"
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert (sweep_dir / "0" / "04_eval" / "results.json").is_file(), proc.stderr[-3000:]
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    jobs = {j["num"]: j for j in summary["jobs"]}
+    assert jobs[0]["status"] == "completed" and jobs[1]["status"] == "failed"
+    assert summary["failed"] == [1]
+    results = json.loads((sweep_dir / "0" / "04_eval" / "results.json").read_text())
+    assert jobs[0]["objective"] == pytest.approx(results["stages"]["cpt"]["heldout/perplexity"])
+    assert jobs[0]["metrics"]["cpt/heldout_ppl"] == jobs[0]["objective"]
+    assert "ConfigError" in jobs[1]["error"] and str(missing) in jobs[1]["error"]
+    md = (sweep_dir / "sweep_summary.md").read_text()
+    assert "2 jobs: 1 completed, 1 failed" in md and str(sweep_dir / "1") in md
+    assert any(str(missing) in o for o in jobs[1]["overrides"])
+
+
+@pytest.mark.slow
+def test_optuna_sweep_best_value_is_a_job_objective(tmp_path, tiny_data_dir, shared_cache):
+    """hparams_search=cpt_lr_optuna, 2 trials: optimization_results.yaml's best value is the
+    smaller of the two jobs' returned objectives (held-out perplexity, minimised)."""
+    proc = run_cli([*sweep_overrides(tiny_data_dir, tmp_path, shared_cache), "run_name=opt", "distributed=inprocess",
+                    "hparams_search=cpt_lr_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1",
+                    # A command-line sweep replaces the config's range for that key (the Optuna sweeper merges them).
+                    "cpt.learning_rate=tag(log, interval(1e-4, 1e-2))"])
+    sweep_dir = tmp_path / "opt_multirun"
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["completed", "completed"], proc.stdout[-2000:]
+    objectives = [j["objective"] for j in jobs]
+    assert all(isinstance(o, float) and o > 1 for o in objectives)
+    assert best["best_value"] == pytest.approx(min(objectives))
+    # The trial's learning rate reached the stage that trained with it.
+    lrs = [manifest(sweep_dir / str(j["num"]), "02_cpt")["config"]["cpt"]["learning_rate"] for j in jobs]
+    best_job = jobs[objectives.index(min(objectives))]
+    assert best["best_params"]["cpt.learning_rate"] == pytest.approx(lrs[jobs.index(best_job)])
+    assert 1e-4 <= min(lrs) and max(lrs) <= 1e-2 and lrs[0] != lrs[1]
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_two_jobs_at_once_each_on_two_ranks(tmp_path, tiny_data_dir, shared_cache):
+    """hydra/launcher=local (submitit LocalExecutor): two sweep jobs in separate processes at the same time, each
+    starting its own 2-process DeepSpeed ZeRO-3 `accelerate launch` for cpt."""
+    proc = run_cli(["-m", *sweep_overrides(tiny_data_dir, tmp_path, shared_cache), "run_name=par", "hydra/launcher=local",
+                    "distributed=cpu_zero3", "distributed.num_processes=2", "eval.enabled=false",
+                    "cpt.learning_rate=1e-3,2e-3"], check=False)
+    sweep_dir = tmp_path / "par_multirun"
+    assert proc.returncode == 0, proc.stderr[-3000:] + submitit_logs(sweep_dir)
+    jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["completed", "completed"], submitit_logs(sweep_dir)
+    # Two scheduler jobs, two job processes (not the launcher's own), alive at the same time.
+    assert len({j["scheduler_job_id"] for j in jobs}) == 2 and None not in {j["scheduler_job_id"] for j in jobs}
+    assert len({j["pid"] for j in jobs}) == 2
+    a, b = sorted(jobs, key=lambda j: j["started_at"])
+    assert b["started_at"] < a["ended_at"], f"jobs ran one after the other: {a} {b}"
+    lrs, cpt_intervals = [], []
+    for j in jobs:
+        run_dir = Path(j["run_dir"])
+        records = [json.loads((run_dir / "02_cpt" / "logs" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+        assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
+        assert records[0]["pid"] != records[1]["pid"]
+        m = manifest(run_dir, "02_cpt")
+        assert m["metrics"]["world_size"] == 2 and m["metrics"]["zero_stage"] == 3
+        lrs.append(m["config"]["cpt"]["learning_rate"])
+        start = datetime.fromisoformat(m["started_at"]).timestamp()
+        cpt_intervals.append((start, start + m["wall_time_s"]))
+        # Hydra's files were written by the job process into the job's own directory.
+        assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert sorted(lrs) == [1e-3, 2e-3]
+    # The two 2-rank trainings themselves overlapped (started_at has 1 s resolution: 1 s margin).
+    (s0, e0), (s1, e1) = sorted(cpt_intervals)
+    assert s1 + 1 < e0, f"cpt trainings did not overlap: {cpt_intervals}"
