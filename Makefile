@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml
 upscale-train: $(STAMP)
 	$(PY) -m pipeline $(ARGS)
 
+# Only the checks (data, models, merge plan, distributed, disk space) and the estimates of disk,
+# memory per device and time; exit 0 if the run can start, 2 with every problem listed.
+#   make preflight ARGS="experiment=solar_10.7b"
+preflight: $(STAMP)
+	$(PY) -m pipeline preflight=true $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -229,6 +229,8 @@ class PipelineConfig:
     run_name: str = "demo"
     # all | base | merge | cpt | sft | eval
     stage: str = "all"
+    # Only run the checks and print the disk/memory/time estimates (pipeline/preflight.py), then exit.
+    preflight: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     data: DataConfig = field(default_factory=DataConfig)

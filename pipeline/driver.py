@@ -43,6 +43,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run the selected stages; returns the eval results (or {} when eval did not run)."""
     from pipeline.preflight import preflight
 
+    if cfg.preflight:  # checks and estimates only: no stage runs, nothing is written here
+        preflight(cfg)
+        log("preflight: no problems found")
+        return {}
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     preflight(cfg)

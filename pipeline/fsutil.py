@@ -8,6 +8,7 @@ finished result (``os.rename`` is atomic within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -17,7 +18,87 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.errors import ConfigError
+
 PARTIAL_SUFFIX = ".partial"
+
+# errno of a write that failed for lack of room: disk full, over the file-size limit
+# (RLIMIT_FSIZE, a filesystem's maximum file size), over a quota.
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+# The same errors as safetensors reports them (a Rust IoError, wrapped in its own exception type).
+_DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded")
+# torch.save's C++ stream writer loses the errno: a failed write reads "basic_ios::clear: iostream
+# error" / "unexpected pos" / "file write failed". Nearly always a full disk or a size limit; the
+# message says "most likely" and gives the free space measured there at that moment.
+_WRITE_FAILED_TEXT = ("iostream error", "unexpected pos", "file write failed")
+
+
+class DiskFullError(ConfigError):
+    """A write failed for lack of space. A ConfigError: the user fixes it (space, paths, limits),
+    and the CLIs print it as one line with exit code 2."""
+
+
+def _chain(exc: BaseException | None, depth: int = 0) -> Iterator[BaseException]:
+    if exc is None or depth > 8:
+        return
+    yield exc
+    yield from _chain(exc.__cause__ or exc.__context__, depth + 1)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        if not isinstance(e, OSError) and any(t in str(e) for t in _DISK_FULL_TEXT):
+            return True
+    return False
+
+
+def _is_failed_write(exc: BaseException) -> bool:
+    return any(not isinstance(e, OSError) and any(t in str(e) for t in _WRITE_FAILED_TEXT) for e in _chain(exc))
+
+
+def _free_space_note(path: Path | str) -> str:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        note = f"{shutil.disk_usage(p).free / 1e9:.2f} GB free there now"
+    except OSError:
+        return ""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        note += f", file-size limit {soft} bytes (ulimit -f)"
+    return "; " + note
+
+
+def disk_full_error(path: Path | str, exc: BaseException, *, fix: str | None = None,
+                    certain: bool = True) -> DiskFullError:
+    root = next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None)
+    first = root or exc
+    cause = first.strerror if isinstance(first, OSError) and first.strerror else str(first).splitlines()[0][:200]
+    what = "disk full / file too large" if certain else "write failed, most likely disk full / file too large"
+    return DiskFullError(
+        str(path), f"{what} while writing ({type(first).__name__}: {cause}{_free_space_note(path)})",
+        fix or "free space on that filesystem (or raise the file-size limit / quota), or write to a bigger disk: "
+               "paths.output_root, paths.cache_dir; fewer checkpoints: cpt.save_total_limit, sft.save_total_limit")
+
+
+@contextlib.contextmanager
+def disk_full_guard(path: Path | str, *, fix: str | None = None) -> Iterator[None]:
+    """Turn a failed write for lack of space inside the block into a ``DiskFullError`` naming ``path``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch and safetensors raise their own types for ENOSPC
+        if is_disk_full(e):
+            raise disk_full_error(path, e, fix=fix) from e
+        if _is_failed_write(e):
+            raise disk_full_error(path, e, fix=fix, certain=False) from e
+        raise
 
 
 def partial_dir_for(final: Path) -> Path:
@@ -28,7 +109,9 @@ def partial_dir_for(final: Path) -> Path:
 def atomic_output_dir(final: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory; rename it to ``final`` if the block succeeds.
 
-    On an exception the temporary directory is removed and ``final`` is left untouched.
+    On an exception the temporary directory is removed and ``final`` is left untouched; a write
+    that failed for lack of space becomes a ``DiskFullError`` naming the directory. A process killed
+    outright leaves only the ``.partial`` directory, which the next attempt removes first.
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -39,8 +122,9 @@ def atomic_output_dir(final: Path | str, *, overwrite: bool = False) -> Iterator
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        yield tmp
-        fsync_tree(tmp)
+        with disk_full_guard(tmp):
+            yield tmp
+            fsync_tree(tmp)
         if final.exists():
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)

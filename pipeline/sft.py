@@ -78,7 +78,8 @@ def build_sft_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
         dataset_num_proc=None,
     )
     args = TrlSFTConfig(**kwargs)
-    model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
+                           allow_pickle=cfg.model.allow_pickle)
     peft_config = None
     if sc.use_lora:
         from peft import LoraConfig

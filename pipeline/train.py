@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.distributed import init_distributed_state, load_deepspeed_config
-from pipeline.fsutil import atomic_write_json, fsync_tree, hash_path, partial_dir_for
+from pipeline.fsutil import atomic_write_json, disk_full_guard, fsync_tree, hash_path, partial_dir_for
 from pipeline.manifest import latest_model_stage, resolve_model_dir, stage_dir, stage_key, write_manifest
 
 # Dense bf16 peak FLOP/s per device, for MFU. Source: vendor datasheets (SXM parts, no sparsity).
@@ -82,11 +82,14 @@ def training_flops_per_token(config, n_params: int, seq_len: int) -> float:
     return 6 * n_params + 6 * layers * hidden * seq_len
 
 
-def load_causal_lm(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool):
+def load_causal_lm(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool, allow_pickle: bool = False):
     """Load a model for training. ``use_cache`` is turned off: transformers only derives the
     per-document (packed) attention mask from ``position_ids`` when no KV cache exists, and with
     ``use_cache=True`` it creates one even in training - packed documents would then attend to each
-    other. The exported model gets ``use_cache=True`` back (``_finalize_model_files``)."""
+    other. The exported model gets ``use_cache=True`` back (``_finalize_model_files``).
+
+    Safetensors only unless ``allow_pickle`` (model.allow_pickle): then ``pytorch_model*.bin`` is
+    accepted too, read with ``torch.load(weights_only=True)`` (no arbitrary code from the pickle)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -94,7 +97,8 @@ def load_causal_lm(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: 
         dtype=torch.bfloat16 if bf16 else torch.float32,
         attn_implementation=attn,
         trust_remote_code=trust_remote_code,
-        use_safetensors=True,
+        use_safetensors=None if allow_pickle else True,  # None: safetensors if present, else *.bin
+        weights_only=True,
     )
     model.config.use_cache = False
     return model
@@ -399,10 +403,11 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
         from pipeline.cpt import build_cpt_trainer as build_trainer
     else:
         from pipeline.sft import build_sft_trainer as build_trainer
-    trainer, collator, fixed_batch, data_stats, seq_len, adapter = build_trainer(
-        cfg, tokenizer=tokenizer, input_model=input_model, checkpoint_dir=checkpoint_dir,
-        ds_config=ds_config, bf16=bf16, attn=attn,
-    )
+    with disk_full_guard(cfg.paths.cache_dir):  # the tokenized-data cache is written there
+        trainer, collator, fixed_batch, data_stats, seq_len, adapter = build_trainer(
+            cfg, tokenizer=tokenizer, input_model=input_model, checkpoint_dir=checkpoint_dir,
+            ds_config=ds_config, bf16=bf16, attn=attn,
+        )
     model = trainer.model
 
     n_params = sum(numel(p) for p in model.parameters())
@@ -422,7 +427,9 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
         print(f"[{stage}] resuming from {resume}", flush=True)
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    # A checkpoint save that runs out of space ends as one clear error naming the directory.
+    with disk_full_guard(checkpoint_dir):
+        train_result = trainer.train(resume_from_checkpoint=resume)
     if preemption.stopped_at is not None:
         state.wait_for_everyone()
         if is_main:
@@ -433,7 +440,8 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
 
     # Every rank takes part: ZeRO-3 gathers the sharded weights collectively for both calls.
     save_target = partial / "adapter" if adapter else partial
-    trainer.save_model(str(save_target))
+    with disk_full_guard(save_target):
+        trainer.save_model(str(save_target))
     trained_loss = fixed_batch_loss(trainer.model, fixed_batch)
     state.wait_for_everyone()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from pipeline.errors import ConfigError
-from pipeline.fsutil import atomic_output_dir
+from pipeline.fsutil import atomic_output_dir, disk_full_error, is_disk_full
 from pipeline.merge.config import MergeConfig
 from pipeline.merge.plan import GENERATION_CONFIG, TOKENIZER_FILES, ResolvedMerge, TensorOp, validate_merge
 from pipeline.merge.safetensors_io import COMPUTE_CHUNK, DTYPES, ByteCopier, write_all
@@ -123,9 +123,11 @@ def write_sharded(plan: ResolvedMerge, out: Path, *, progress: bool = True, copy
     out_fds: List[int] = []
     groups = _ops_by_source_tensor(plan.ops)
     bytes_read = 0
+    writing = out  # the file being written when a write fails, for the error message
     try:
         for shard in plan.shards:
-            fd = os.open(out / shard.file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            writing = out / shard.file_name
+            fd = os.open(writing, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             out_fds.append(fd)
             _preallocate(fd, shard.size)
             write_all(fd, shard.header, 0)
@@ -134,6 +136,8 @@ def write_sharded(plan: ResolvedMerge, out: Path, *, progress: bool = True, copy
             src_file, src_fd = None, -1
             for ops in groups:
                 info, source = ops[0].src, ops[0].source
+                writing = out / plan.shards[ops[0].shard].file_name
+                _fault_injection_delay()
                 if info.name in source.pickled:
                     _write_from_tensor(source.pickled[info.name], ops, out_fds, COMPUTE_CHUNK, bar)
                 else:
@@ -146,6 +150,12 @@ def write_sharded(plan: ResolvedMerge, out: Path, *, progress: bool = True, copy
                 bytes_read += info.nbytes
             if src_fd >= 0:
                 os.close(src_fd)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(writing, e, fix=(
+                f"free at least {plan.bytes_to_write / 1e9:.2f} GB there (or raise the file-size limit / quota), "
+                "or write the merge to a bigger disk (paths.cache_dir, or the CLI's OUT_DIR)")) from e
+        raise
     finally:
         for fd in out_fds:
             os.close(fd)
@@ -155,6 +165,17 @@ def write_sharded(plan: ResolvedMerge, out: Path, *, progress: bool = True, copy
         "seconds": time.perf_counter() - started,
         "copy_mode": copier.mode,
     }
+
+
+# Tests only (tests/test_faults.py): seconds to sleep before each source tensor is written, so a
+# test can kill the merge while it is writing. Never set it in real use.
+FAULT_INJECTION_DELAY_ENV = "DUS_TEST_FAULT_MERGE_DELAY_S"
+
+
+def _fault_injection_delay() -> None:
+    delay = os.environ.get(FAULT_INJECTION_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def _ops_by_source_tensor(ops: List[TensorOp]) -> List[List[TensorOp]]:
