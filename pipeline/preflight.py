@@ -198,7 +198,7 @@ def preflight(cfg: PipelineConfig) -> None:
     stages = selected_stages(cfg)
     problems: list[ConfigError] = []
     # The disk and pickle checks are defined below (kept apart from the data checks above).
-    for check in [*CHECKS, check_pickle_only_base, check_disk_space]:
+    for check in [*CHECKS, check_pickle_only_base, check_context_length, check_batch_arithmetic, check_disk_space]:
         try:
             check(cfg, stages)
         except PreflightFailed as e:
@@ -226,6 +226,62 @@ def check_pickle_only_base(cfg: PipelineConfig, stages: list[str]) -> None:
                           "loading pickles can run arbitrary code, so they are refused by default",
                           "convert the model to safetensors, or set model.allow_pickle=true "
                           "(loaded with torch.load(weights_only=True))")
+
+
+def check_context_length(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Sequences no longer than the model's context: the merged model keeps the base's
+    max_position_embeddings, and rotary positions past it are untrained (or an index error)."""
+    base = _base_shape(cfg)
+    limit = base[0].max_position_embeddings if base else None
+    if not limit:
+        return
+    where = "model.demo.max_position_embeddings" if cfg.model.demo is not None else f"{cfg.model.name_or_path}/config.json"
+    # cpt blocks are always seq_len long; sft.max_length only caps a conversation unless packing
+    # fills every sequence to it.
+    for stage, fieldname, value, builds_full_length in (
+            ("cpt", "cpt.seq_len", cfg.cpt.seq_len, True),
+            ("sft", "sft.max_length", cfg.sft.max_length, cfg.sft.packing)):
+        if stage in stages and getattr(cfg, stage).enabled and builds_full_length and value > limit:
+            raise ConfigError(fieldname, f"{value} is longer than the model's context ({where}: max_position_embeddings={limit})",
+                              f"set {fieldname} <= {limit}")
+
+
+def check_batch_arithmetic(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Batch sizes fixed in the DeepSpeed config must equal the Trainer's: DeepSpeed asserts
+    train_batch_size == micro batch x accumulation x world size only once the processes are up."""
+    from pipeline.distributed import load_deepspeed_config
+
+    dist = cfg.distributed
+    if dist.launcher != "accelerate" or not any(s in stages for s in ("cpt", "sft")):
+        return
+    if dist.num_processes < 1:
+        return  # reported by the distributed check
+    try:
+        ds = load_deepspeed_config(dist, cfg.paths.conf_dir)
+    except ConfigError:
+        return  # reported by the distributed check
+    world = dist.num_processes
+    for stage in ("cpt", "sft"):
+        tc = getattr(cfg, stage)
+        if stage not in stages or not tc.enabled:
+            continue
+        for fieldname, value in (("per_device_train_batch_size", tc.per_device_train_batch_size),
+                                 ("gradient_accumulation_steps", tc.gradient_accumulation_steps)):
+            if value < 1:
+                raise ConfigError(f"{stage}.{fieldname}", f"must be >= 1, got {value}")
+        ours = {"train_micro_batch_size_per_gpu": tc.per_device_train_batch_size,
+                "gradient_accumulation_steps": tc.gradient_accumulation_steps,
+                "train_batch_size": tc.per_device_train_batch_size * tc.gradient_accumulation_steps * world}
+        for key, want in ours.items():
+            got = ds.get(key, "auto")
+            if got != "auto" and got != want:
+                raise ConfigError(
+                    "distributed.deepspeed_config",
+                    f"sets {key}={got} but {stage} runs {tc.per_device_train_batch_size} per device x "
+                    f"{tc.gradient_accumulation_steps} accumulation x {world} processes "
+                    f"(train_batch_size {ours['train_batch_size']}, {key} {want})",
+                    f'set "{key}": "auto" in the DeepSpeed JSON (the Trainer fills it in), or change '
+                    f"{stage}.per_device_train_batch_size / {stage}.gradient_accumulation_steps / distributed.num_processes")
 
 
 # --------------------------------------------------------------------- disk, memory and time estimates

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import (
-    REPO_ROOT, DataConfig, DistributedConfig, InputSlice, MergeConfig, ModelConfig, OutputSlice, PathsConfig,
+    REPO_ROOT, CPTConfig, DataConfig, DistributedConfig, InputSlice, MergeConfig, ModelConfig, OutputSlice, PathsConfig,
     PipelineConfig,
 )
 from pipeline.driver import run_pipeline
@@ -25,6 +25,8 @@ def base_cfg(tmp_path, tiny_base_model_dir, tiny_data_dir) -> PipelineConfig:
                                   OutputSlice(sources=[InputSlice(layer_range=[1, 4])])]),
         data=DataConfig(cpt_files=[str(tiny_data_dir / "corpus.txt")],
                         sft_files=[str(tiny_data_dir / "instructions.jsonl")]),
+        # Within the tiny model's 256 positions (longer is its own bad input).
+        cpt=CPTConfig(seq_len=64),
         distributed=DistributedConfig(launcher="inprocess", zero_stage=0),
         paths=PathsConfig(run_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache")),
     )
@@ -105,3 +107,326 @@ def test_hub_dataset_offline_is_named(base_cfg, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     base_cfg.data.cpt_files = ["allenai/c4"]
     expect_error(base_cfg, "data.cpt_files", "allenai/c4", "offline")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table in docs/bad_inputs.md: each row's case id has a producer here that builds the bad input
+# and returns the message the user sees; the row's last column must be part of that message.
+
+BAD_INPUTS_DOC = REPO_ROOT / "docs" / "bad_inputs.md"
+
+
+def doc_table() -> list[tuple[str, str]]:
+    """(case id, expected message part) of every row of the table in docs/bad_inputs.md."""
+    import re
+
+    rows = []
+    for line in BAD_INPUTS_DOC.read_text().splitlines():
+        m = re.match(r"^\| `([\w-]+)` \|.*\| `(.+)` \|$", line)
+        if m:
+            rows.append((m.group(1), m.group(2)))
+    return rows
+
+
+class Case:
+    """What a producer gets: a good pipeline config to break and a scratch directory."""
+
+    def __init__(self, cfg: PipelineConfig, tmp: Path, model: Path):
+        self.cfg, self.tmp, self.model = cfg, tmp, model
+        tmp.mkdir(parents=True, exist_ok=True)
+
+    def pipeline_error(self) -> str:
+        """run_pipeline's message; also checks that nothing was produced."""
+        return expect_error(self.cfg)
+
+    def model_copy(self, name: str = "m") -> Path:
+        import shutil
+
+        d = self.tmp / name
+        if not d.exists():
+            shutil.copytree(self.model, d)
+        return d
+
+    def merge_error(self, *sources) -> str:
+        """validate_merge's message for slices of (model dir, layer range)."""
+        from pipeline.merge import validate_merge
+
+        cfg = MergeConfig(slices=[OutputSlice(sources=[InputSlice(model=str(m), layer_range=list(r))])
+                                  for m, r in sources])
+        with pytest.raises(ConfigError) as e:
+            validate_merge(cfg)
+        return str(e.value)
+
+    def tiny(self, arch: str, name: str, **overrides) -> Path:
+        from pipeline.merge.testing import make_tiny_model
+
+        d = self.tmp / name
+        make_tiny_model(arch, d, tokenizer=False, **overrides)
+        return d
+
+    def hydra_error(self, *overrides: str) -> str:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.config_store import ConfigStore
+
+        from pipeline.configio import to_typed
+
+        ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+        with pytest.raises(Exception) as e:
+            with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+                to_typed(compose("config", overrides=[*overrides, f"paths.run_dir={self.tmp}"]))
+        # Hydra's CLI prints the exception and its cause (the typed schema's complaint).
+        chain, exc = [], e.value
+        while exc is not None:
+            chain.append(str(exc))
+            exc = exc.__cause__
+        return "\n".join(chain)
+
+
+def _set_range(c: Case, rng) -> str:
+    c.cfg.merge.slices[0].sources[0].layer_range = rng
+    return c.pipeline_error()
+
+
+def _damage_safetensors(c: Case, damage) -> str:
+    d = c.model_copy()
+    f = d / "model.safetensors"
+    f.write_bytes(damage(f.read_bytes()))
+    c.cfg.model.name_or_path = str(d)
+    return c.pipeline_error()
+
+
+def _missing_shard(c: Case) -> str:
+    d = c.tmp / "sharded"
+    model = c.tiny("LlamaForCausalLM", "sharded_src")
+    model_dir = c.tmp / "sharded_src"
+    d.mkdir()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(d, max_shard_size="100KB")
+    del model
+    shards = sorted(d.glob("model-*.safetensors"))
+    shards[1].unlink()
+    return c.merge_error((d, [0, 2]))
+
+
+def _pickle_only(c: Case) -> str:
+    import torch
+    from safetensors.torch import load_file
+
+    d = c.model_copy()
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    c.cfg.model.name_or_path = str(d)
+    return c.pipeline_error()
+
+
+def _config_edit(c: Case, **changes) -> str:
+    d = c.model_copy()
+    conf = json.loads((d / "config.json").read_text())
+    conf.update(changes)
+    (d / "config.json").write_text(json.dumps(conf))
+    c.cfg.model.name_or_path = str(d)
+    return c.pipeline_error()
+
+
+def _write_data(c: Case, name: str, text: str, *, sft: bool = False) -> str:
+    f = c.tmp / name
+    f.write_text(text)
+    if sft:
+        c.cfg.data.sft_files = [str(f)]
+    else:
+        c.cfg.data.cpt_files = [str(f)]
+    return c.pipeline_error()
+
+
+def _no_markers(c: Case) -> str:
+    d = c.model_copy()
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}")
+    c.cfg.model.name_or_path = str(d)
+    return c.pipeline_error()
+
+
+def _distributed(c: Case, **changes) -> str:
+    c.cfg.distributed = DistributedConfig(launcher="accelerate", **{"zero_stage": 3, "num_processes": 2, **changes})
+    return c.pipeline_error()
+
+
+def _deepspeed_json(c: Case, **changes) -> str:
+    conf = json.loads((REPO_ROOT / "conf" / "deepspeed" / "zero3.json").read_text())
+    conf.update(changes)
+    f = c.tmp / "ds.json"
+    f.write_text(json.dumps(conf))
+    c.cfg.cpt.per_device_train_batch_size = 4
+    return _distributed(c, deepspeed_config=str(f))
+
+
+def _disk_space(c: Case) -> str:
+    """A config.json-only model whose training needs more than the real free space of the output
+    filesystem (preflight of stage=cpt reads only config.json: no weights are written or needed)."""
+    import shutil
+
+    from pipeline.resources import shape_from_config
+
+    d = c.tmp / "huge"
+    d.mkdir()
+    conf = json.loads((c.model / "config.json").read_text())
+    conf.update(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                vocab_size=32000)
+    free = shutil.disk_usage(c.tmp).free
+    per_layer = shape_from_config({**conf, "num_hidden_layers": 1}).params_per_layer
+    # fp32 on CPU: one checkpoint alone holds 16 bytes per parameter; ask for more than all free space.
+    conf["num_hidden_layers"] = int(free / (16 * per_layer)) + 1
+    (d / "config.json").write_text(json.dumps(conf))
+    c.cfg.model.name_or_path = str(d)
+    c.cfg.stage = "cpt"
+    msg = c.pipeline_error()
+    need = float(msg.split("needs about ")[1].split(" GB")[0]) * 1e9
+    assert need > free and f"{free / 1e9:.2f} GB are free" in msg and "save_total_limit" in msg, msg
+    return msg
+
+
+PRODUCERS = {
+    "range-outside": lambda c: setattr(c.cfg.merge.slices[1].sources[0], "layer_range", [1, 9]) or c.pipeline_error(),
+    "range-empty": lambda c: _set_range(c, [2, 2]),
+    "range-reversed": lambda c: _set_range(c, [3, 1]),
+    "mismatched-architecture": lambda c: c.merge_error((c.tiny("LlamaForCausalLM", "llama"), [0, 2]),
+                                                       (c.tiny("MistralForCausalLM", "mistral"), [2, 4])),
+    "mismatched-hidden-size": lambda c: c.merge_error((c.tiny("LlamaForCausalLM", "narrow"), [0, 2]),
+                                                      (c.tiny("LlamaForCausalLM", "wide", hidden_size=128), [2, 4])),
+    "mismatched-vocab": lambda c: c.merge_error((c.tiny("LlamaForCausalLM", "v256"), [0, 2]),
+                                                (c.tiny("LlamaForCausalLM", "v512", vocab_size=512), [2, 4])),
+    "unknown-architecture": lambda c: _config_edit(c, architectures=["FooForCausalLM"]),
+    "truncated-safetensors": lambda c: _damage_safetensors(c, lambda b: b[: len(b) - 1000]),
+    "corrupt-safetensors-header": lambda c: _damage_safetensors(c, lambda b: b[:8] + b"{not json" + b[17:]),
+    "missing-shard": _missing_shard,
+    "pickle-only": _pickle_only,
+    "missing-model-dir": lambda c: setattr(c.cfg.model, "name_or_path", str(c.tmp / "nope")) or c.pipeline_error(),
+    "no-config-json": lambda c: (c.tmp / "empty_model").mkdir() or setattr(
+        c.cfg.model, "name_or_path", str(c.tmp / "empty_model")) or c.pipeline_error(),
+    "missing-data-file": lambda c: setattr(c.cfg.data, "cpt_files", [str(c.tmp / "missing.txt")]) or c.pipeline_error(),
+    "empty-data-file": lambda c: _write_data(c, "empty.txt", ""),
+    "no-rows": lambda c: _write_data(c, "rows.jsonl", ""),
+    "missing-text-column": lambda c: _write_data(c, "corpus.jsonl", json.dumps({"content": "hello"}) + "\n"),
+    "missing-messages-column": lambda c: _write_data(
+        c, "chat.jsonl", json.dumps({"conversation": [{"role": "user", "content": "hi"}]}) + "\n", sft=True),
+    "no-cpt-files": lambda c: setattr(c.cfg.data, "cpt_files", []) or c.pipeline_error(),
+    "heldout-fraction": lambda c: setattr(c.cfg.data, "heldout_fraction", 1.5) or c.pipeline_error(),
+    "seq-len-over-context": lambda c: setattr(c.cfg.cpt, "seq_len", 4096) or c.pipeline_error(),
+    "sft-length-over-context": lambda c: setattr(c.cfg.sft, "packing", True) or setattr(
+        c.cfg.sft, "max_length", 1024) or c.pipeline_error(),
+    "no-generation-markers": _no_markers,
+    "offload-zero1": lambda c: _distributed(c, offload=True, zero_stage=1),
+    "zero-stage-5": lambda c: _distributed(c, zero_stage=5),
+    "zero-stage-mismatch": lambda c: _distributed(c, zero_stage=2,
+                                                  deepspeed_config=str(REPO_ROOT / "conf" / "deepspeed" / "zero3.json")),
+    "uneven-processes": lambda c: _distributed(c, num_processes=3, num_machines=2, main_process_ip="10.0.0.1"),
+    "batch-vs-deepspeed": lambda c: _deepspeed_json(c, train_batch_size=32),
+    "unknown-launcher": lambda c: setattr(c.cfg.distributed, "launcher", "mpi") or c.pipeline_error(),
+    "unknown-stage": lambda c: setattr(c.cfg, "stage", "train") or c.pipeline_error(),
+    "hydra-unknown-key": lambda c: c.hydra_error("cpt.learning_rat=1"),
+    "hydra-wrong-type": lambda c: c.hydra_error("cpt.max_steps=ten"),
+    "disk-space": _disk_space,
+}
+
+
+def test_the_table_and_the_tests_list_the_same_cases():
+    ids = [case_id for case_id, _ in doc_table()]
+    assert len(ids) >= 20 and len(set(ids)) == len(ids)
+    assert set(ids) == set(PRODUCERS), (set(ids) ^ set(PRODUCERS))
+
+
+@pytest.mark.parametrize("case_id, expected", doc_table(), ids=[i for i, _ in doc_table()])
+def test_bad_input_table(case_id, expected, base_cfg, tmp_path, tiny_base_model_dir):
+    msg = PRODUCERS[case_id](Case(base_cfg, tmp_path / "case", tiny_base_model_dir))
+    assert expected in msg, f"docs/bad_inputs.md says {expected!r} for {case_id}; the user sees:\n{msg}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preflight: the estimates' arithmetic on known models, and `python -m pipeline preflight=true`.
+
+MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000, "tie_word_embeddings": False,
+              "max_position_embeddings": 32768}
+
+
+def test_parameter_counts_of_known_models():
+    from pipeline.resources import shape_from_config
+
+    shape = shape_from_config(MISTRAL_7B)
+    # Mistral-7B-v0.1 has 7,241,732,096 parameters (sum of its safetensors tensors).
+    assert shape.num_parameters() == 7_241_732_096
+    # SOLAR's depth up-scaling 32 -> 48 layers: 10.7 B (16 more layers of 218,112,000 each).
+    assert shape.params_per_layer == 218_112_000
+    assert shape.num_parameters(48) == 7_241_732_096 + 16 * 218_112_000 == 10_731_524_096
+
+
+def test_memory_disk_and_time_formulas():
+    from pipeline.resources import (
+        activation_bytes, checkpoint_bytes, checkpoints_on_disk, model_state_bytes, shape_from_config,
+        tokens_to_train, training_seconds,
+    )
+
+    n = 10_731_524_096  # SOLAR 10.7B, all trainable, bf16, 8 GPUs
+    z3 = model_state_bytes(n_params=n, n_trainable=n, weight_bytes=2, zero_stage=3, world_size=8)
+    assert (z3.weights, z3.gradients, z3.optimizer) == (2 * n / 8, 2 * n / 8, 12 * n / 8)  # 16 B/param / 8
+    z2 = model_state_bytes(n_params=n, n_trainable=n, weight_bytes=2, zero_stage=2, world_size=8)
+    assert (z2.weights, z2.gradients, z2.optimizer) == (2 * n, 2 * n / 8, 12 * n / 8)
+    z0 = model_state_bytes(n_params=n, n_trainable=n // 10, weight_bytes=4, zero_stage=0, world_size=8)
+    assert (z0.weights, z0.gradients, z0.optimizer) == (4 * n, 4 * (n // 10), 8 * (n // 10))  # fp32: Adam m, v
+    off = model_state_bytes(n_params=n, n_trainable=n, weight_bytes=2, zero_stage=3, world_size=8,
+                            offload_optimizer=True, offload_param=True)
+    assert off.weights == off.optimizer == 0 and off.cpu_offloaded == 2 * n / 8 + 12 * n / 8
+    assert checkpoint_bytes(n_params=n, n_trainable=n, weight_bytes=2) == 14 * n
+    assert checkpoints_on_disk(2, max_steps=1000, save_steps=100) == 3  # new one written before the oldest goes
+    assert checkpoints_on_disk(2, max_steps=150, save_steps=100) == 1
+    assert checkpoints_on_disk(None, max_steps=1000, save_steps=100) == 10
+
+    shape = shape_from_config(MISTRAL_7B)
+    sbh = 4096 * 1 * 4096
+    full = activation_bytes(shape, num_layers=48, micro_batch=1, seq_len=4096, gradient_checkpointing=False,
+                            weight_bytes=2)
+    ckpt = activation_bytes(shape, num_layers=48, micro_batch=1, seq_len=4096, gradient_checkpointing=True,
+                            weight_bytes=2)
+    logits = 2 * 4096 * 32000 * 4
+    assert full == 48 * 34 * sbh + logits and ckpt == 48 * 2 * sbh + 34 * sbh + logits
+
+    tokens = tokens_to_train(max_steps=1000, micro_batch=2, grad_accum=4, world_size=8, seq_len=4096)
+    assert tokens == 1000 * 2 * 4 * 8 * 4096
+    assert tokens_to_train(max_steps=-1, micro_batch=2, grad_accum=4, world_size=8, seq_len=4096,
+                           num_train_epochs=2, dataset_tokens=1e9) == 2e9
+    assert training_seconds(tokens=1e12, flops_per_token=6e10, peak_flops=1e15, world_size=8, mfu=0.4) == \
+        pytest.approx(1e12 * 6e10 / (8 * 1e15 * 0.4))
+
+
+def test_preflight_only_cli_prints_estimates_and_exits_0_or_2(tmp_path, tiny_base_model_dir, tiny_data_dir):
+    """`python -m pipeline preflight=true`: every check, the estimates, no stage run; exit 0 when
+    the run could start, 2 with the problems listed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [sys.executable, "-m", "pipeline", "preflight=true", f"paths.output_root={tmp_path}", "run_name=pf",
+            f"paths.cache_dir={tmp_path}/cache", "model.demo=null", f"model.name_or_path={tiny_base_model_dir}",
+            f"data.cpt_files=[{tiny_data_dir}/corpus.txt]", f"data.sft_files=[{tiny_data_dir}/instructions.jsonl]",
+            "merge.slices=[{sources:[{layer_range:[0,3]}]},{sources:[{layer_range:[1,4]}]}]",
+            "cpt.seq_len=64", "cpt.max_steps=10", "sft.max_length=128", "eval.use_harness=false"]
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "ESTIMATES" in out and "memory per device" in out and "preflight: no problems found" in out
+    # The exact merge size from the plan: 2 slices of 3 layers of the tiny model -> 6 layers.
+    assert "model after merge: 6 layers" in out and "(merge plan)" in out
+    # The token count is the product it states (max_steps x batch x accumulation x processes x seq_len).
+    import re
+
+    m = re.search(r"tokens: ([\d,]+) \(max_steps 10 x batch (\d+) x accumulation (\d+) x (\d+) process\(es\) x seq_len 64\)", out)
+    assert m, out
+    assert int(m.group(1).replace(",", "")) == 10 * int(m.group(2)) * int(m.group(3)) * int(m.group(4)) * 64
+    run_dir = tmp_path / "pf"
+    assert not [p for p in run_dir.iterdir() if p.name[:2].isdigit()], "a stage ran"
+    assert not (tmp_path / "cache").exists()
+
+    proc = subprocess.run(args + ["cpt.seq_len=4096", f"data.cpt_files=[{tmp_path}/none.txt]"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "2 problem(s)" in proc.stderr and "cpt.seq_len: 4096" in proc.stderr and "none.txt" in proc.stderr
+    assert "ESTIMATES" not in proc.stdout
