@@ -76,8 +76,9 @@ def _in_multirun() -> bool:
 
 
 def main() -> None:
-    # Only rank 0 writes Hydra's .hydra/ files: ranks racing on them is hydra#2070.
-    if os.environ.get("RANK", "0") != "0":
+    # Only rank 0 writes Hydra's .hydra/ files: ranks racing on them is hydra#2070. SLURM_PROCID:
+    # `srun python -m pipeline` on N nodes runs one driver per node into the same run dir.
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("SLURM_PROCID", "0") != "0":
         sys.argv.append("hydra.output_subdir=null")
     _hydra_main()()
 

@@ -118,6 +118,10 @@ def accelerate_launch_command(dist: DistributedConfig, conf_dir: str, module_arg
         cmd += ["--zero3_init_flag", "true"]
     if dist.main_process_ip:
         cmd += ["--main_process_ip", dist.main_process_ip]
+    if dist.num_machines > 1:
+        # One `accelerate launch` per node (torchrun underneath). accelerate's default multi-node
+        # DeepSpeed launcher is pdsh: it runs the `deepspeed` script to ssh into the other nodes.
+        cmd += ["--deepspeed_multinode_launcher", "standard"]
     cmd += list(dist.accelerate_args)
     cmd += ["-m", *module_args]
     return cmd

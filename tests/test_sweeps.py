@@ -7,14 +7,16 @@ real); the fast ones call pipeline/sweep.py and pipeline/slurm.py directly.
 
 import json
 import os
+import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import DistributedConfig
+from pipeline.config import REPO_ROOT, DistributedConfig
 from pipeline.slurm import expand_hostlist, slurm_distributed
 from pipeline.sweep import format_summary, read_job_records, write_job_record
 
@@ -156,3 +158,36 @@ def test_submitit_local_launcher_runs_two_jobs_at_once_each_on_two_ranks(tmp_pat
     # The two 2-rank trainings themselves overlapped (started_at has 1 s resolution: 1 s margin).
     (s0, e0), (s1, e1) = sorted(cpt_intervals)
     assert s1 + 1 < e0, f"cpt trainings did not overlap: {cpt_intervals}"
+
+
+@pytest.mark.slow
+def test_two_node_slurm_job_leader_runs_the_pipeline_follower_joins_training(tmp_path, tiny_data_dir, shared_cache):
+    """What the two tasks of a 2-node SLURM job run, on one machine: the same command with the
+    environment SLURM gives each node's task (no scontrol here: the host list is parsed). Node 1
+    is started first and must wait for node 0's merge, then join cpt as machine_rank 1; the
+    training has one process per node and world size 2."""
+    from pipeline.distributed import free_port
+
+    args = [*sweep_overrides(tiny_data_dir, tmp_path, shared_cache), "run_name=nodes", "distributed=cpu_zero3",
+            "distributed.num_processes=1", f"distributed.main_process_port={free_port()}", "eval.enabled=false"]
+    slurm = {"SLURM_JOB_ID": "777", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **slurm}
+    procs = {}
+    for node in (1, 0):
+        procs[node] = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT,
+                                       env={**env, "SLURM_NODEID": str(node), "SLURM_PROCID": str(node)},
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(2 if node == 1 else 0)
+    outs = {node: p.communicate(timeout=900)[0] for node, p in procs.items()}
+    for node, p in procs.items():
+        assert p.returncode == 0, f"node {node}:\n{outs[node][-4000:]}"
+    assert "machine_rank=1, main_process_ip=localhost" in outs[1] and "following the leader" in outs[1]
+    assert "--machine_rank 1" in outs[1] and "--num_machines 2" in outs[1]
+    assert "--machine_rank 0" in outs[0] and "merge:" in outs[0] and "merge:" not in outs[1]
+    run_dir = tmp_path / "nodes"
+    records = [json.loads((run_dir / "02_cpt" / "logs" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
+    m = manifest(run_dir, "02_cpt")["metrics"]
+    assert m["world_size"] == 2 and m["global_step"] == 2
+    # Only the leader wrote Hydra's files (SLURM_PROCID 0).
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
