@@ -400,6 +400,7 @@ def test_memory_disk_and_time_formulas():
         pytest.approx(1e12 * 6e10 / (8 * 1e15 * 0.4))
 
 
+@pytest.mark.slow
 def test_preflight_only_cli_prints_estimates_and_exits_0_or_2(tmp_path, tiny_base_model_dir, tiny_data_dir):
     """`python -m pipeline preflight=true`: every check, the estimates, no stage run; exit 0 when
     the run could start, 2 with the problems listed."""

@@ -20,6 +20,7 @@ from typing import Dict, List
 
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, disk_full_error, is_disk_full
+from pipeline.resources import fmt_bytes
 from pipeline.merge.config import MergeConfig
 from pipeline.merge.plan import GENERATION_CONFIG, TOKENIZER_FILES, ResolvedMerge, TensorOp, validate_merge
 from pipeline.merge.safetensors_io import COMPUTE_CHUNK, DTYPES, ByteCopier, write_all
@@ -153,7 +154,7 @@ def write_sharded(plan: ResolvedMerge, out: Path, *, progress: bool = True, copy
     except OSError as e:
         if is_disk_full(e):
             raise disk_full_error(writing, e, fix=(
-                f"free at least {plan.bytes_to_write / 1e9:.2f} GB there (or raise the file-size limit / quota), "
+                f"free at least {fmt_bytes(plan.bytes_to_write)} there (or raise the file-size limit / quota), "
                 "or write the merge to a bigger disk (paths.cache_dir, or the CLI's OUT_DIR)")) from e
         raise
     finally:
