@@ -77,7 +77,33 @@ def test_summary_is_rewritten_from_every_job_record(tmp_path):
     assert json.loads((tmp_path / "sweep_summary.json").read_text())["failed"] == [1]
 
 
+def test_config_error_survives_pickling():
+    """submitit pickles a failed job's exception back to the launcher."""
+    import pickle
+
+    from pipeline.errors import ConfigError
+
+    e = pickle.loads(pickle.dumps(ConfigError("data.cpt_files", "missing", "fix the path")))
+    assert (e.where, e.problem, e.fix, str(e)) == ("data.cpt_files", "missing", "fix the path",
+                                                   "data.cpt_files: missing -> fix the path")
+
+
 # -------------------------------------------------------------------------------------------- slow
+
+@pytest.mark.slow
+def test_failed_jobs_under_submitit_are_recorded_by_the_job_processes(tmp_path):
+    """hydra/launcher=local: both jobs fail in preflight inside their own processes; their
+    errors come back to the launcher, each job's record is written by on_job_end in the job's
+    process, and the sweep exits non-zero. (~15 s: nothing is trained.)"""
+    proc = run_cli(["-m", "hydra/launcher=local", f"paths.output_root={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
+                    "run_name=x", f"data.cpt_files=[{tmp_path}/a.txt],[{tmp_path}/b.txt]"], check=False)
+    sweep_dir = tmp_path / "x_multirun"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    assert [(j["num"], j["status"]) for j in jobs] == [(0, "failed"), (1, "failed")], submitit_logs(sweep_dir)
+    assert [f"{tmp_path}/{n}.txt does not exist" in j["error"] for n, j in zip("ab", jobs)] == [True, True]
+    # Recorded in two submitit jobs' processes, not in the launcher's.
+    assert len({j["pid"] for j in jobs}) == 2 and None not in {j["scheduler_job_id"] for j in jobs}
 
 @pytest.mark.slow
 def test_failed_job_keeps_the_others_results_and_the_summary_names_it(tmp_path, tiny_data_dir, shared_cache):
