@@ -286,6 +286,46 @@ def _disk_space(c: Case) -> str:
     return msg
 
 
+def _disk_space_merge(c: Case) -> str:
+    """A merge whose exact output (from the plan: safetensors headers) is bigger than the real free
+    space of paths.cache_dir. The source weights are a sparse file: a real header, a hole for data."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from pipeline.merge.safetensors_io import ShardEntry, layout_shard
+
+    d = c.tmp / "huge_sparse"
+    d.mkdir()
+    dims = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                vocab_size=32000, max_position_embeddings=4096)
+    per_layer_bytes = 2 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192)  # bf16
+    free = shutil.disk_usage(c.tmp).free
+    layers = int(free / per_layer_bytes / 2) + 2  # the merge writes ~2x the base: more than is free
+    config = transformers.LlamaConfig(num_hidden_layers=layers, **dims)
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):  # shapes only, no memory
+        model = transformers.LlamaForCausalLM(config)
+    entries = [ShardEntry(name, "BF16", tuple(t.shape), t.numel() * 2) for name, t in model.state_dict().items()]
+    layout = layout_shard("model.safetensors", entries)
+    with open(d / "model.safetensors", "wb") as f:
+        f.write(layout.header)
+        f.truncate(layout.size)  # sparse: takes no disk space
+    conf = config.to_dict()
+    conf["dtype"] = "bfloat16"
+    (d / "config.json").write_text(json.dumps(conf))
+    c.cfg.model.name_or_path = str(d)
+    c.cfg.stage = "merge"
+    c.cfg.merge.slices[0].sources[0].layer_range = [0, layers - 1]
+    c.cfg.merge.slices[1].sources[0].layer_range = [1, layers]
+    msg = c.pipeline_error()
+    need = float(msg.split("needs about ")[1].split(" GB")[0]) * 1e9
+    assert need > free and "merged model" in msg, msg
+    assert (d / "model.safetensors").stat().st_blocks * 512 < 1e6  # the fake source really is sparse
+    return msg
+
+
 PRODUCERS = {
     "range-outside": lambda c: setattr(c.cfg.merge.slices[1].sources[0], "layer_range", [1, 9]) or c.pipeline_error(),
     "range-empty": lambda c: _set_range(c, [2, 2]),
@@ -327,6 +367,7 @@ PRODUCERS = {
     "hydra-unknown-key": lambda c: c.hydra_error("cpt.learning_rat=1"),
     "hydra-wrong-type": lambda c: c.hydra_error("cpt.max_steps=ten"),
     "disk-space": _disk_space,
+    "disk-space-merge": _disk_space_merge,
 }
 
 
