@@ -283,3 +283,55 @@ def test_pickle_only_model_is_refused_naming_allow_pickle_and_loads_with_it(tmp_
         validate_merge(MergeConfig(slices=[OutputSlice(sources=[InputSlice(model=str(d), layer_range=[0, 2])])]),
                        allow_pickle=True)
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_kill_9_during_the_pipelines_merge_stage_then_rerun(tmp_path, tiny_base_model_dir):
+    """The same through `python -m pipeline stage=merge` (the merge goes into the shared cache under
+    a file lock, then is linked into the run): after SIGKILL neither the cache entry nor the run's
+    merge stage exists; the re-run takes the lock, clears the leftovers and writes the same bytes."""
+    from pipeline.config import InputSlice, MergeConfig, ModelConfig, OutputSlice, PathsConfig, PipelineConfig
+    from pipeline.driver import run_base_stage, run_merge_stage
+    from pipeline.manifest import read_manifest, stage_dir
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run_dir = out / "tiny"
+    cfg = PipelineConfig(
+        model=ModelConfig(name_or_path=str(tiny_base_model_dir)),
+        merge=MergeConfig(slices=[OutputSlice(sources=[InputSlice(layer_range=[0, 3])]),
+                                  OutputSlice(sources=[InputSlice(layer_range=[1, 4])])], dtype="float32"),
+        paths=PathsConfig(run_dir=str(run_dir), cache_dir=str(cache), output_root=str(out)),
+    )
+    run_base_stage(cfg)
+    args = [f"paths.output_root={out}", "run_name=tiny", f"paths.cache_dir={cache}", "stage=merge", "model.demo=null",
+            f"model.name_or_path={tiny_base_model_dir}", "merge.dtype=float32",
+            "merge.slices=[{sources:[{layer_range:[0,3]}]},{sources:[{layer_range:[1,4]}]}]"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(**{FAULT_INJECTION_DELAY_ENV: "0.2"}))
+    try:
+        deadline = time.time() + 120
+        while not list(cache.glob("merges/.*.partial/*.safetensors")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(cache.glob("merges/.*.partial/*.safetensors")), f"no merge started: {proc.communicate()}"
+        time.sleep(0.5)
+        assert proc.poll() is None, "the merge finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    finished = [p for p in (cache / "merges").iterdir() if not p.name.startswith(".")]
+    assert not [p for p in finished if p.is_dir()], "a cache entry looks finished"
+    assert not stage_dir(run_dir, "merge").exists() and read_manifest(stage_dir(run_dir, "merge")) is None
+
+    run_merge_stage(cfg)  # the re-run (in-process: the same code path the CLI takes)
+    merged = stage_dir(run_dir, "merge")
+    assert read_manifest(merged) is not None and not list((cache / "merges").glob(".*.partial"))
+    reference = tmp_path / "reference"
+    from pipeline.driver import resolved_merge_config
+
+    run_merge(resolved_merge_config(cfg, str(tiny_base_model_dir)), reference, base_model=str(tiny_base_model_dir),
+              progress=False)
+    weights = lambda d: {k: v for k, v in tree_hashes(d).items() if k.endswith((".safetensors", ".index.json"))}  # noqa: E731
+    assert weights(merged) == weights(reference) and weights(reference)
