@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
 import subprocess
 import time
 from dataclasses import asdict
@@ -211,13 +210,12 @@ def launch_training_stage(cfg: PipelineConfig, stage: str, *, wait_for_manifest_
         )
         log(f"{stage}: {format_command(cmd)}")
         proc = subprocess.Popen(cmd, env=clean_child_env({"PYTHONUNBUFFERED": "1"}))
-        # Forward SIGTERM (SLURM preemption) to the launcher, which passes it to every rank; the
-        # ranks save a checkpoint and exit, and the driver reports the stage as interrupted.
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
-        try:
+        # SIGTERM (SLURM preemption) and submitit's SIGUSR2 reach every rank through the launcher;
+        # the ranks save a checkpoint and exit, and the driver reports the stage as interrupted.
+        from pipeline.slurm import forward_stop_signals
+
+        with forward_stop_signals(proc):
             proc.wait()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         if proc.returncode != 0:
             raise StageFailed(f"stage '{stage}' failed (accelerate launch exit code {proc.returncode}); "
                               f"re-run the same command to resume from its last checkpoint")

@@ -17,10 +17,12 @@ are written by every rank). Nothing here needs Hydra.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import replace
@@ -172,3 +174,38 @@ def run_follower(cfg: PipelineConfig, *, timeout_s: float = FOLLOWER_TIMEOUT_S) 
         # The leader's rank 0 writes the manifest after the launcher returns (export, verification).
         launch_training_stage(cfg, stage, wait_for_manifest_s=timeout_s)
     return {}
+
+
+@contextlib.contextmanager
+def forward_stop_signals(proc: subprocess.Popen):
+    """While ``proc`` (the stage's ``accelerate launch``) runs, stop it for a checkpoint on:
+
+    - SIGTERM (SLURM's scancel, preemption, time limit): forwarded; the ranks save and exit, and
+      the driver reports the stage as interrupted.
+    - SIGUSR2, submitit's "time limit / preemption in signal_delay_s" signal: forwarded as SIGTERM,
+      and only once the ranks have saved and exited is the signal handed to the handler that was
+      there before (submitit's: pickle the job and requeue it). Without this, submitit requeues
+      at once and the ranks get SLURM's SIGTERM with only KillWait (often 30 s) to save.
+    """
+    usr2: list[int] = []
+
+    def on_usr2(signum, frame):
+        usr2.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM)),
+                signal.SIGUSR2: signal.signal(signal.SIGUSR2, on_usr2)}
+    try:
+        yield
+        if usr2 and proc.poll() is None:
+            proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if usr2:
+        before = previous[signal.SIGUSR2]
+        log("SIGUSR2: the training stage has stopped at a checkpoint; handing the signal on")
+        if callable(before):
+            before(signal.SIGUSR2, None)  # submitit: requeue (it exits this process)
+        elif before == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGUSR2)  # what USR2 would have done: terminate

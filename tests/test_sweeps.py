@@ -217,3 +217,38 @@ def test_two_node_slurm_job_leader_runs_the_pipeline_follower_joins_training(tmp
     assert m["world_size"] == 2 and m["global_step"] == 2
     # Only the leader wrote Hydra's files (SLURM_PROCID 0).
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_submitit_usr2_stops_training_at_a_checkpoint_before_it_is_handed_on(tmp_path, tiny_data_dir, shared_cache):
+    """SIGUSR2 is submitit's "time limit / preemption in signal_delay_s" signal; its handler
+    requeues the job. The driver first stops the 2-rank training at a checkpoint (SIGTERM to the
+    ranks), then hands USR2 on: here to the default action (the process ends by USR2), under
+    submitit to the requeue."""
+    import re
+    import signal
+    import threading
+
+    args = [*sweep_overrides(tiny_data_dir, tmp_path, shared_cache), "run_name=usr2", "cpt.max_steps=60",
+            "cpt.save_steps=1000", "eval.enabled=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(m) for m in re.findall(r"\| *(\d+)/60 \[", "".join(seen))]
+        if steps and max(steps) >= 3:
+            proc.send_signal(signal.SIGUSR2)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    out = "".join(seen)
+    assert proc.returncode == -signal.SIGUSR2, out[-3000:]
+    saved = re.search(r"SIGTERM: checkpoint saved at step (\d+)", out)
+    assert saved and out.index(saved.group(0)) < out.index("SIGUSR2: the training stage has stopped"), out[-3000:]
+    checkpoints = list((tmp_path / "usr2" / "checkpoints" / "cpt").glob(f"*/checkpoint-{saved.group(1)}"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
