@@ -120,7 +120,8 @@ def accelerate_launch_command(dist: DistributedConfig, conf_dir: str, module_arg
         cmd += ["--main_process_ip", dist.main_process_ip]
     if dist.num_machines > 1:
         # One `accelerate launch` per node (torchrun underneath). accelerate's default multi-node
-        # DeepSpeed launcher is pdsh: it runs the `deepspeed` script to ssh into the other nodes.
+        # DeepSpeed launcher is pdsh: it runs the `deepspeed` script to ssh into the other nodes,
+        # and first appends this process's whole environment (tokens included) to ./.deepspeed_env.
         cmd += ["--deepspeed_multinode_launcher", "standard"]
     cmd += list(dist.accelerate_args)
     cmd += ["-m", *module_args]

@@ -198,7 +198,7 @@ def test_two_node_slurm_job_leader_runs_the_pipeline_follower_joins_training(tmp
             "distributed.num_processes=1", f"distributed.main_process_port={free_port()}", "eval.enabled=false"]
     slurm = {"SLURM_JOB_ID": "777", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost"}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **slurm}
-    procs = {}
+    procs, started = {}, time.time()
     for node in (1, 0):
         procs[node] = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT,
                                        env={**env, "SLURM_NODEID": str(node), "SLURM_PROCID": str(node)},
@@ -217,6 +217,9 @@ def test_two_node_slurm_job_leader_runs_the_pipeline_follower_joins_training(tmp
     assert m["world_size"] == 2 and m["global_step"] == 2
     # Only the leader wrote Hydra's files (SLURM_PROCID 0).
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    # accelerate's pdsh launcher would have dumped the environment into the working directory.
+    dumped = REPO_ROOT / ".deepspeed_env"
+    assert not dumped.exists() or dumped.stat().st_mtime < started
 
 
 @pytest.mark.slow
