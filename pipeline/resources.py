@@ -24,7 +24,6 @@ Formulas (Ψ = parameters, Ψt = trainable parameters, w = bytes per weight: 2 i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional

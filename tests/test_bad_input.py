@@ -196,15 +196,13 @@ def _damage_safetensors(c: Case, damage) -> str:
 
 
 def _missing_shard(c: Case) -> str:
-    d = c.tmp / "sharded"
-    model = c.tiny("LlamaForCausalLM", "sharded_src")
-    model_dir = c.tmp / "sharded_src"
-    d.mkdir()
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(d, max_shard_size="100KB")
-    del model
+    src = c.tiny("LlamaForCausalLM", "sharded_src")
+    d = c.tmp / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(d, max_shard_size="100KB")
     shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 2
     shards[1].unlink()
     return c.merge_error((d, [0, 2]))
 
