@@ -68,7 +68,13 @@ def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
         raise ConfigError("data.heldout_fraction", "is 0 with data.streaming=true: no fixed batch to verify the export on",
                           "set data.heldout_fraction > 0 (e.g. 0.01)")
     data_stats = data.stats
-    args = TrainingArguments(**trainer_kwargs(cfg.cpt, output_dir=checkpoint_dir, ds_config=ds_config, bf16=bf16))
+    kwargs = trainer_kwargs(cfg.cpt, output_dir=checkpoint_dir, ds_config=ds_config, bf16=bf16)
+    if cfg.data.streaming:
+        # Every rank reads the stream and keeps its own share of each step's batches (accelerate's
+        # IterableDatasetShard) instead of rank 0 reading for all and sending batches out: reading
+        # and tokenizing cost far less than a training step, and each rank's data is its own.
+        kwargs["accelerator_config"] = {"dispatch_batches": False}
+    args = TrainingArguments(**kwargs)
     model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
                            allow_pickle=cfg.model.allow_pickle)
     freeze_except(model, layers=trainable_layers(cfg), patterns=list(cfg.cpt.trainable_patterns))

@@ -166,3 +166,22 @@ def test_streaming_needs_max_steps(tmp_path, tiny_data_dir, tok):
     cfg.cpt.max_steps = -1
     with pytest.raises(ConfigError, match="cpt.max_steps: must be > 0 with data.streaming=true"):
         prepare_streaming_cpt_data(cfg, tok)
+
+
+@pytest.mark.slow
+def test_streamed_weighted_cpt_on_two_ranks_through_the_cli(tmp_path, two_sources, tiny_data_dir):
+    """`data.streaming=true` with a 2-file mixture, 2 DeepSpeed ranks: each rank trains on its own
+    blocks, nothing is tokenized into the cache, and the export is verified as usual."""
+    from tests.test_pipeline import run_cli, tiny_overrides
+
+    big, small = two_sources
+    overrides = [o for o in tiny_overrides(tiny_data_dir, tmp_path) if not o.startswith("data.cpt_files")]
+    run_cli(overrides + [f"data.cpt_files=[{big},{small}]", "data.cpt_weights=[0.7,0.3]", "data.streaming=true",
+                         "sft.enabled=false", "eval.enabled=false"])
+    cpt = tmp_path / "tiny" / "02_cpt"
+    manifest = json.loads((cpt / "manifest.json").read_text())
+    assert manifest["metrics"]["data_streaming"] is True and manifest["metrics"]["world_size"] == 2
+    assert manifest["metrics"]["verification"]["abs_diff"] <= 1e-5
+    served = [set(json.loads((cpt / "logs" / f"rank_{r}.json").read_text())["served_indices"]) for r in (0, 1)]
+    assert served[0] and served[1] and not served[0] & served[1]
+    assert not (tmp_path / "cache" / "tokenized").exists()
