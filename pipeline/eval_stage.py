@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.data import conversation_key, load_conversations, load_text_records, split_records
+from pipeline.data import conversation_key, is_heldout, iter_text_records, load_conversations, split_records
 from pipeline.fsutil import atomic_output_dir
 from pipeline.manifest import read_manifest, resolve_model_dir, stage_dir, stage_key, write_manifest
 
@@ -39,10 +39,14 @@ def run_eval_stage(cfg: PipelineConfig) -> dict:
         print("[dus] eval: up to date", flush=True)
         return _summary(m["metrics"], final)
 
-    records = load_text_records(list(cfg.data.cpt_files), text_column=cfg.data.text_column,
-                                txt_document_separator=cfg.data.txt_document_separator,
-                                max_record_chars=cfg.data.max_record_chars)
-    heldout_texts = split_records(records, cfg.data.heldout_fraction).heldout
+    # Only the held-out records are kept: the corpus itself may be far larger than memory.
+    heldout_texts = [
+        r for name in cfg.data.cpt_files
+        for r in iter_text_records(name, text_column=cfg.data.text_column,
+                                   txt_document_separator=cfg.data.txt_document_separator,
+                                   max_record_chars=cfg.data.max_record_chars)
+        if is_heldout(r, cfg.data.heldout_fraction)
+    ]
     conversations = load_conversations(list(cfg.data.sft_files), messages_column=cfg.data.messages_column,
                                        sft_format=cfg.data.sft_format)
     heldout_convs = split_records(conversations, cfg.data.heldout_fraction, conversation_key).heldout
