@@ -348,6 +348,13 @@ PRODUCERS = {
     "missing-text-column": lambda c: _write_data(c, "corpus.jsonl", json.dumps({"content": "hello"}) + "\n"),
     "missing-messages-column": lambda c: _write_data(
         c, "chat.jsonl", json.dumps({"conversation": [{"role": "user", "content": "hi"}]}) + "\n", sft=True),
+    "cpt-weights-count": lambda c: setattr(c.cfg.data, "cpt_weights", [0.8, 0.2]) or c.pipeline_error(),
+    "cpt-weight-zero": lambda c: setattr(c.cfg.data, "cpt_files", c.cfg.data.cpt_files * 2) or setattr(
+        c.cfg.data, "cpt_weights", [1.0, 0.0]) or c.pipeline_error(),
+    "streaming-no-max-steps": lambda c: setattr(c.cfg.data, "streaming", True) or c.pipeline_error(),
+    "sft-unknown-format": lambda c: setattr(c.cfg.data, "sft_format", "openai") or c.pipeline_error(),
+    "sharegpt-unknown-speaker": lambda c: _write_data(
+        c, "sharegpt.jsonl", json.dumps({"conversations": [{"from": "narrator", "value": "x"}]}) + "\n", sft=True),
     "no-cpt-files": lambda c: setattr(c.cfg.data, "cpt_files", []) or c.pipeline_error(),
     "heldout-fraction": lambda c: setattr(c.cfg.data, "heldout_fraction", 1.5) or c.pipeline_error(),
     "seq-len-over-context": lambda c: setattr(c.cfg.cpt, "seq_len", 4096) or c.pipeline_error(),
