@@ -32,7 +32,7 @@ def log(msg: str) -> None:
 
 def selected_stages(cfg: PipelineConfig) -> list[str]:
     if cfg.stage == "all":
-        return [s for s in STAGES if s not in TRAINING_STAGES or getattr(cfg, s).enabled]
+        return [s for s in STAGES if s not in (*TRAINING_STAGES, "eval") or getattr(cfg, s).enabled]
     if cfg.stage not in STAGES:
         raise ConfigError("stage", f"unknown stage '{cfg.stage}'", f"use one of: all, {', '.join(STAGES)}")
     return [cfg.stage]
@@ -191,10 +191,11 @@ def run_merge_stage(cfg: PipelineConfig) -> dict:
 def launch_training_stage(cfg: PipelineConfig, stage: str, *, wait_for_manifest_s: float = 0) -> dict:
     """wait_for_manifest_s: on a follower node of a multi-node job the manifest is written by
     the leader's rank 0 after this node's launcher has returned (pipeline/slurm.py)."""
-    from pipeline.train import stage_input, training_inputs, training_key
+    from pipeline.train import last_checkpoint, resume_dir, stage_input, training_inputs, training_key
 
     prev_stage, prev_manifest, input_model = stage_input(cfg, stage)
-    key = training_key(cfg, stage, training_inputs(cfg, stage, prev_stage, prev_manifest, input_model))
+    inputs = training_inputs(cfg, stage, prev_stage, prev_manifest, input_model)
+    key = training_key(cfg, stage, inputs)
     final = stage_dir(cfg.paths.run_dir, stage)
     if (m := read_manifest(final)) and m["key"] == key:
         log(f"{stage}: up to date")
@@ -217,8 +218,12 @@ def launch_training_stage(cfg: PipelineConfig, stage: str, *, wait_for_manifest_
         with forward_stop_signals(proc):
             proc.wait()
         if proc.returncode != 0:
+            # A rank killed outright (-9: OOM killer, lost node) takes the launcher down with it:
+            # torch elastic stops the other ranks. Nothing is exported; the checkpoints stay.
+            resume = last_checkpoint(resume_dir(cfg, stage, inputs))
+            where = f"its last complete checkpoint {resume}" if resume else "the start (no complete checkpoint yet)"
             raise StageFailed(f"stage '{stage}' failed (accelerate launch exit code {proc.returncode}); "
-                              f"re-run the same command to resume from its last checkpoint")
+                              f"re-run the same command to resume from {where}")
     m = read_manifest(final)
     deadline = time.time() + wait_for_manifest_s
     while m is None and time.time() < deadline:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.distributed import init_distributed_state, load_deepspeed_config
 from pipeline.fsutil import atomic_write_json, disk_full_guard, fsync_tree, hash_path, partial_dir_for
+from pipeline.resume import CheckpointBookkeeping, FaultInjection, plan_resume
 from pipeline.manifest import latest_model_stage, resolve_model_dir, stage_dir, stage_key, write_manifest
 
 # Dense bf16 peak FLOP/s per device, for MFU. Source: vendor datasheets (SXM parts, no sparsity).
@@ -121,7 +122,8 @@ def trainer_kwargs(tc: TrainConfig, *, output_dir: Path, ds_config: dict | None,
         logging_first_step=True,
         save_strategy="steps",
         save_steps=tc.save_steps,
-        save_total_limit=tc.save_total_limit,
+        # Kept by pipeline.resume.CheckpointBookkeeping instead, once every rank's part is on disk.
+        save_total_limit=None,
         seed=tc.seed,
         data_seed=tc.seed,
         bf16=bf16,
@@ -289,11 +291,24 @@ def write_log_history(log_dir: Path, history: list[dict]) -> None:
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint. The Trainer writes ``checkpoint-N/`` in place, each rank its
+    own shards, so a save cut short (disk full, kill -9) leaves a directory that transformers'
+    get_last_checkpoint would take (it only looks for the name; even ``trainer_state.json`` is
+    written by rank 0 before the other ranks are done). Complete = marked by
+    ``pipeline.resume.CheckpointBookkeeping`` after a barrier."""
+    from pipeline.resume import complete_checkpoints
 
-    if not checkpoint_dir.is_dir():
-        return None
-    return get_last_checkpoint(str(checkpoint_dir))
+    complete = complete_checkpoints(checkpoint_dir)
+    return str(complete[-1][1]) if complete else None
+
+
+def resume_dir(cfg: PipelineConfig, stage: str, inputs: list[dict]) -> Path:
+    """Where a stage's checkpoints live. Keyed like the result (a changed config or input never
+    resumes stale state) except for the world size: a re-run on another number of processes resumes."""
+    from pipeline.resume import resume_key
+
+    key = resume_key(stage, stage_config_for_key(cfg, stage), inputs)
+    return stage_dir(cfg.paths.run_dir, stage).parent / "checkpoints" / stage / key[:16]
 
 
 def stage_input(cfg: PipelineConfig, stage: str) -> tuple[str, dict, str]:
@@ -395,8 +410,19 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
 
     final = stage_dir(cfg.paths.run_dir, stage)
     partial = prepare_partial_dir(final, is_main=is_main, barrier=state.wait_for_everyone)
-    # Resume state is keyed like the result: a changed config or input never resumes stale state.
-    checkpoint_dir = final.parent / "checkpoints" / stage / key[:16]
+    checkpoint_dir = resume_dir(cfg, stage, inputs)
+    # Before the Trainer exists: loading a checkpoint of another world size changes the DeepSpeed
+    # config (universal checkpoint) and gradient accumulation (same global batch).
+    plan = plan_resume(checkpoint_dir, stage=stage, world_size=world, deepspeed=ds_config is not None,
+                       per_device_train_batch_size=tc.per_device_train_batch_size,
+                       gradient_accumulation_steps=tc.gradient_accumulation_steps, is_main=is_main,
+                       barrier=state.wait_for_everyone, log=(lambda m: print(m, flush=True)) if is_main else (lambda m: None))
+    run_cfg = cfg
+    if plan.gradient_accumulation_steps != tc.gradient_accumulation_steps:
+        run_cfg = replace(cfg, **{stage: replace(tc, gradient_accumulation_steps=plan.gradient_accumulation_steps)})
+    if plan.load_universal:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    tc = getattr(run_cfg, stage)
     tokenizer = AutoTokenizer.from_pretrained(input_model, trust_remote_code=cfg.model.trust_remote_code)
 
     if stage == "cpt":
@@ -405,7 +431,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
         from pipeline.sft import build_sft_trainer as build_trainer
     with disk_full_guard(cfg.paths.cache_dir):  # the tokenized-data cache is written there
         trainer, collator, fixed_batch, data_stats, seq_len, adapter = build_trainer(
-            cfg, tokenizer=tokenizer, input_model=input_model, checkpoint_dir=checkpoint_dir,
+            run_cfg, tokenizer=tokenizer, input_model=input_model, checkpoint_dir=checkpoint_dir,
             ds_config=ds_config, bf16=bf16, attn=attn,
         )
     model = trainer.model
@@ -422,11 +448,15 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
               f"attention: {attn} | params: {n_params:,} ({n_trainable:,} trainable) | "
               f"tokens/step: {tokens_per_device_step * world:,} | peak: {cb.peak_note} | data: {data_stats}", flush=True)
 
-    resume = last_checkpoint(checkpoint_dir)
-    if resume and is_main:
-        print(f"[{stage}] resuming from {resume}", flush=True)
+    resume = plan.checkpoint
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
+    if (fault := FaultInjection.from_env(rank)) is not None:
+        trainer.add_callback(fault)  # before the bookkeeping: a kill "during the save" lands before the mark
+    trainer.add_callback(CheckpointBookkeeping(
+        world_size=world, zero_stage=ds_config["zero_optimization"]["stage"] if ds_config else None,
+        keep=tc.save_total_limit, is_main=is_main, barrier=state.wait_for_everyone,
+        per_device_train_batch_size=tc.per_device_train_batch_size, gradient_accumulation_steps=tc.gradient_accumulation_steps))
     # A checkpoint save that runs out of space ends as one clear error naming the directory.
     with disk_full_guard(checkpoint_dir):
         train_result = trainer.train(resume_from_checkpoint=resume)
@@ -465,6 +495,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str):
             "attn_implementation": attn,
             "zero_stage": ds_config["zero_optimization"]["stage"] if ds_config else None,
             "resumed_from": resume,
+            "resume": plan.metrics(),
             "verification": verification,
             **{f"data_{k}": v for k, v in data_stats.items()},
         }
