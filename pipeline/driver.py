@@ -205,6 +205,10 @@ def launch_training_stage(cfg: PipelineConfig, stage: str, *, wait_for_manifest_
 
         run_training_stage(cfg, stage)
     else:
+        if stage == "cpt":
+            from pipeline.cpt import tokenize_cpt_data_ahead
+
+            tokenize_cpt_data_ahead(cfg, input_model)
         cmd = accelerate_launch_command(
             cfg.distributed, cfg.paths.conf_dir,
             ["pipeline.stage_main", str(Path(cfg.paths.run_dir) / RESOLVED_CONFIG), stage],
