@@ -17,6 +17,12 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_overrides(data_dir: Path, out: Path) -> list[str]:
+    """Tiny settings for a run into ``out`` (its own cache dir, seeded with the demo base model)."""
+    seed_demo_base(data_dir, out / "cache")
+    return _tiny_overrides(data_dir, out)
+
+
+def _tiny_overrides(data_dir: Path, out: Path) -> list[str]:
     return [
         f"paths.output_root={out}", f"paths.cache_dir={out}/cache", "run_name=tiny",
         f"data.cpt_files=[{data_dir}/corpus.txt]", f"data.sft_files=[{data_dir}/instructions.jsonl]",
@@ -30,6 +36,24 @@ def tiny_overrides(data_dir: Path, out: Path) -> list[str]:
         "sft.logging_steps=2",
         "eval.seq_len=64", "eval.use_harness=false",
     ]
+
+
+_SEEDS: dict[Path, Path] = {}
+
+
+def seed_demo_base(data_dir: Path, cache_dir: Path) -> None:
+    """Hard-link the tiny demo base model into ``cache_dir``, built once per session by the real
+    CLI (`stage=base`): each end-to-end run would otherwise spend ~45 s of CI pretraining the same
+    model. The runs still go through the base stage, which finds it by its key like any cache hit."""
+    from pipeline.fsutil import link_or_copy_tree
+
+    if data_dir not in _SEEDS:
+        seed = data_dir.parent / f"{data_dir.name}_demo_base_seed"
+        if not (seed / "cache" / "demo_base").is_dir():
+            run_cli([*_tiny_overrides(data_dir, seed), "stage=base"])
+        _SEEDS[data_dir] = seed / "cache" / "demo_base"
+    if not (cache_dir / "demo_base").exists():
+        link_or_copy_tree(_SEEDS[data_dir], cache_dir / "demo_base")
 
 
 # Secrets present in the environment of every run; no file a run writes may contain them.

@@ -21,7 +21,7 @@ from pipeline.slurm import expand_hostlist, slurm_distributed
 from pipeline.sweep import format_summary, read_job_records, write_job_record
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import manifest, run_cli, tiny_overrides  # noqa: E402
+from test_pipeline import manifest, run_cli, seed_demo_base, tiny_overrides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def shared_cache(tmp_path_factory) -> Path:
 
 def sweep_overrides(data_dir: Path, out: Path, cache: Path) -> list[str]:
     """tiny_overrides without run_name, no sft, and eval cut to what a sweep needs (cpt's held-out ppl)."""
+    seed_demo_base(data_dir, cache)
     return [o for o in tiny_overrides(data_dir, out) if not o.startswith(("run_name", "paths.cache_dir"))] + [
         f"paths.cache_dir={cache}", "sft.enabled=false", "cpt.max_steps=2", "eval.stages=[cpt]",
         "eval.max_heldout_tokens=2048", "eval.max_sft_heldout_examples=4", "release.enabled=false",
