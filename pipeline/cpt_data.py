@@ -181,11 +181,11 @@ def prepare_cpt_data(cfg, tokenizer, *, log=print, announce_hit: bool = True) ->
     final = Path(cfg.paths.cache_dir) / "tokenized" / f"cpt-{key[:16]}"
     with file_lock(final.with_name(final.name + ".lock")):
         hit = (final / "stats.json").is_file()
-        if hit and announce_hit:
-            log(f"[cpt] tokenized data: cache hit {final}")
-        else:
+        if not hit:
             log(f"[cpt] tokenizing {len(sources)} source(s) into {final} (num_proc={_num_proc(cfg)})")
             _build_cache(cfg, tokenizer, sources, final)
+        elif announce_hit:
+            log(f"[cpt] tokenized data: cache hit {final}")
     stats = json.loads((final / "stats.json").read_text())
     stats["cache_hit"] = hit
     train = datasets.load_from_disk(str(final / "train")).with_format("torch")

@@ -65,9 +65,12 @@ def test_cached_blocks_equal_the_in_memory_reference_and_a_rerun_hits_the_cache(
     assert first.stats["tokens_used_fraction"] > 0.99 and first.stats["packing_efficiency"] == 1.0
 
     stamp = (first.cache_dir / "stats.json").stat().st_mtime_ns
-    again = prepare_cpt_data(cfg, tok, log=lambda *a: None)
-    assert again.stats["cache_hit"] is True and again.cache_dir == first.cache_dir
-    assert (first.cache_dir / "stats.json").stat().st_mtime_ns == stamp
+    for announce in (True, False):  # rank 0 announces the hit, the other ranks load quietly
+        logged = []
+        again = prepare_cpt_data(cfg, tok, log=logged.append, announce_hit=announce)
+        assert again.stats["cache_hit"] is True and again.cache_dir == first.cache_dir
+        assert (first.cache_dir / "stats.json").stat().st_mtime_ns == stamp
+        assert not any("tokenizing" in m for m in logged) and any("cache hit" in m for m in logged) == announce
     assert len(list((tmp_path / "cache" / "tokenized").glob("cpt-*[!k]"))) == 1
 
 
