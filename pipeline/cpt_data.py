@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.data import is_heldout, is_hub_dataset_name, iter_packed_blocks, iter_text_records
+from pipeline.data import is_heldout, is_hub_dataset_name, iter_packed_blocks, iter_text_records, tokenize_records
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_json, file_lock, hash_path
 
@@ -114,10 +114,7 @@ def _records(name: str, text_column: str, separator: str, max_chars: int, fracti
 
 
 def _tokenize(batch: dict, tokenizer) -> dict:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    # verbose=False: documents longer than the model's context are expected here (packing cuts them).
-    ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-    docs = [bos + x + [tokenizer.eos_token_id] for x in ids]
+    docs = tokenize_records(tokenizer, batch["text"])
     return {"input_ids": docs, "length": [len(x) for x in docs]}
 
 

@@ -321,7 +321,8 @@ def tokenize_records(tokenizer, records: list[str], *, batch_size: int = 256) ->
         raise ConfigError("tokenizer", "has no eos_token: documents cannot be separated", "set tokenizer.eos_token")
     out: list[list[int]] = []
     for start in range(0, len(records), batch_size):
-        enc = tokenizer(records[start : start + batch_size], add_special_tokens=False)["input_ids"]
+        # verbose=False: records longer than the model's context are expected (packing cuts them).
+        enc = tokenizer(records[start : start + batch_size], add_special_tokens=False, verbose=False)["input_ids"]
         out.extend(bos + ids + [eos] for ids in enc)
     return out
 
