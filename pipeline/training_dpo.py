@@ -1,0 +1,198 @@
+"""DPO alignment with TRL 1.16's ``DPOTrainer``: settings checked before any model is loaded, the
+trainer built from preference pairs, and a record of which pairs each rank trained on.
+
+What TRL 1.16 offers and how this module maps the pipeline's settings onto it (read from
+``trl/trainer/dpo_config.py`` and ``dpo_trainer.py`` 1.16.0, and run on CPU):
+
+* ``beta`` (default 0.1), ``max_length`` (prompt + reply, cut from the end: ``keep_start``; pairs
+  whose prompt alone fills it are dropped by TRL), ``precompute_ref_log_probs``.
+* ``loss_type`` is a *list* in 1.16 (``LOSS_TYPES``), combined with ``loss_weights``.
+* There is no ``rpo_alpha`` any more: RPO (Pang et al. 2024: DPO + alpha x NLL of the chosen reply)
+  is ``loss_type=[<loss>, "sft"]`` with ``loss_weights=[1.0, alpha]``; TRL's ``sft`` term is the
+  mean token NLL of the chosen replies, as in the paper. ``rpo_alpha`` here builds exactly that.
+* There is no ``max_prompt_length`` any more. Here it drops (and counts) pairs whose chat-rendered
+  prompt is longer: cutting a chat prompt's tokens would cut its template (bos, role markers).
+* ``ref_model=None``: full fine-tuning loads a second copy of the policy *from its path* as the
+  reference (``model.config._name_or_path``); LoRA uses the policy with adapters disabled;
+  ``precompute_ref_log_probs=True`` scores every pair with the initial policy before the first
+  step and keeps no reference model. Here a full fine-tune gets its reference loaded explicitly
+  with the same safetensors-only loader as the policy.
+* ``DPOConfig`` defaults to ``bf16=True`` and gradient checkpointing, like ``SFTConfig``: callers
+  pass both explicitly (``bf16=False`` on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+# trl 1.16 DPOConfig.loss_type values (dpo_config.py docstring and the dispatch in DPOTrainer._compute_loss).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOSettings:
+    """The DPO-specific settings (the Trainer's shared ones stay with the caller)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    max_length: int = 1024
+    # Pairs whose rendered prompt has more tokens are dropped before training (None: keep all).
+    max_prompt_length: int | None = None
+    # RPO: add rpo_alpha x NLL of the chosen reply (None: plain DPO). The RPO paper uses 1.0.
+    rpo_alpha: float | None = None
+    precompute_ref_log_probs: bool = False
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"
+    extra_trl_args: dict[str, Any] = field(default_factory=dict)
+
+
+def validate_dpo_settings(s: DPOSettings, *, where: str = "dpo") -> None:
+    """Bad settings as ConfigErrors, before a model or dataset is touched."""
+    if not (isinstance(s.beta, (int, float)) and s.beta > 0):
+        raise ConfigError(f"{where}.beta", f"must be > 0, got {s.beta}",
+                          "beta scales the implicit reward; 0.1 is the usual start (0.01-0.5)")
+    if s.loss_type not in LOSS_TYPES or s.loss_type == "sft":
+        raise ConfigError(f"{where}.loss_type", f"'{s.loss_type}' is not a preference loss of TRL 1.16",
+                          f"use one of {', '.join(t for t in LOSS_TYPES if t != 'sft')} (RPO: set {where}.rpo_alpha)")
+    if s.max_length is None or s.max_length < 2:
+        raise ConfigError(f"{where}.max_length", f"must be >= 2, got {s.max_length}")
+    if s.max_prompt_length is not None and not (0 < s.max_prompt_length < s.max_length):
+        raise ConfigError(f"{where}.max_prompt_length", f"must be in (0, max_length={s.max_length}), got {s.max_prompt_length}",
+                          "leave it null to keep every pair whose prompt fits max_length")
+    if s.rpo_alpha is not None and not s.rpo_alpha > 0:
+        raise ConfigError(f"{where}.rpo_alpha", f"must be > 0 or null, got {s.rpo_alpha}", "null is plain DPO; RPO uses 1.0")
+
+
+def trl_loss_arguments(s: DPOSettings) -> dict[str, Any]:
+    """``loss_type`` / ``loss_weights`` for trl.DPOConfig (RPO as an extra ``sft`` term)."""
+    if s.rpo_alpha is None:
+        return {"loss_type": [s.loss_type], "loss_weights": None}
+    return {"loss_type": [s.loss_type, "sft"], "loss_weights": [1.0, float(s.rpo_alpha)]}
+
+
+def drop_long_prompts(tokenizer, pairs: list[dict], *, max_prompt_length: int | None) -> tuple[list[dict], int]:
+    """Pairs whose prompt (rendered as TRL renders it, with the generation prompt) fits; and how many did not."""
+    if max_prompt_length is None:
+        return pairs, 0
+    kept = [p for p in pairs
+            if len(tokenizer.apply_chat_template(p["prompt"], tokenize=True, return_dict=True,
+                                                 add_generation_prompt=True)["input_ids"]) <= max_prompt_length]
+    return kept, len(pairs) - len(kept)
+
+
+class RecordingPreferenceCollator:
+    """Wraps DPO's collator and remembers a fingerprint of each pair (prompt + chosen token ids) this
+    rank trained on: the proof that ranks are distinct and see different pairs."""
+
+    def __init__(self, collate, keep_first: int = 256):
+        self.collate, self.keep_first = collate, keep_first
+        self.served: list[str] = []
+
+    def __call__(self, examples):
+        for ex in examples:
+            if len(self.served) < self.keep_first:
+                ids = list(ex["prompt_ids"]) + list(ex["chosen_ids"])
+                self.served.append(pair_fingerprint(ids))
+        return self.collate(examples)
+
+
+def pair_fingerprint(token_ids: list[int]) -> str:
+    return hashlib.sha1(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()[:16]
+
+
+def load_policy(model_dir: str, *, bf16: bool, attn: str):
+    """A model for DPO (policy or reference): safetensors only, no remote code, no KV cache in training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 attn_implementation=attn, trust_remote_code=False,
+                                                 use_safetensors=True)
+    model.config.use_cache = False
+    return model
+
+
+def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], settings: DPOSettings,
+                      trainer_args: dict[str, Any], bf16: bool, attn: str = "sdpa", eval_pairs: list[dict] | None = None):
+    """A ``trl.DPOTrainer`` for ``train_pairs`` (``pipeline.data.preference`` shape), its recording
+    collator and data stats. ``trainer_args`` are TrainingArguments keywords (output_dir, steps,
+    batch size, ``deepspeed``/``accelerator_config`` under DeepSpeed, ...); the DPO ones come from
+    ``settings``. The reference is the initial policy (see the module doc)."""
+    import datasets
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    validate_dpo_settings(settings)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"tokenizer of {model_dir}", "has no chat template: DPO renders prompts and replies with it",
+                          "use the sft model's tokenizer (it has one) or set tokenizer.chat_template")
+    pairs, dropped = drop_long_prompts(tokenizer, train_pairs, max_prompt_length=settings.max_prompt_length)
+    if not pairs:
+        raise ConfigError("dpo.max_prompt_length", f"drops all {len(train_pairs)} training pairs",
+                          "raise it (or dpo.max_length), or leave it null")
+    args = TrlDPOConfig(
+        **{"gradient_checkpointing": False, "report_to": [], "remove_unused_columns": True, **trainer_args},
+        bf16=bf16,
+        beta=float(settings.beta),
+        max_length=settings.max_length,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        dataset_num_proc=None,
+        **trl_loss_arguments(settings),
+        **settings.extra_trl_args,
+    )
+    model = load_policy(model_dir, bf16=bf16, attn=attn)
+    ref_model, peft_config = None, None
+    if settings.use_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                                 target_modules=settings.lora_target_modules, task_type="CAUSAL_LM")
+    elif not settings.precompute_ref_log_probs:
+        ref_model = load_policy(model_dir, bf16=bf16, attn=attn)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,
+        train_dataset=datasets.Dataset.from_list(pairs),
+        eval_dataset=datasets.Dataset.from_list(eval_pairs) if eval_pairs else None,
+    )
+    collator = RecordingPreferenceCollator(trainer.data_collator)
+    trainer.data_collator = collator
+    stats = {"train_pairs": len(trainer.train_dataset), "dropped_prompt_too_long": dropped,
+             # TRL drops pairs whose prompt alone fills max_length (no reply token would be left).
+             "dropped_by_trl_max_length": len(pairs) - len(trainer.train_dataset)}
+    return trainer, collator, stats
+
+
+def preference_fixed_batch(tokenizer, pairs: list[dict], *, max_length: int) -> dict[str, list[list[int]]]:
+    """input_ids/attention_mask/labels of a few pairs' chosen conversations, labels on the reply only:
+    a fixed batch whose loss checks that a saved DPO model is the trained one (the hand-off check)."""
+    from pipeline.evaluation_preference import tokenize_pair
+
+    rows = []
+    for p in pairs:
+        t = tokenize_pair(tokenizer, p)
+        ids = (t.prompt_ids + t.chosen_ids)[:max_length]
+        rows.append((ids, [-100] * len(t.prompt_ids[:max_length]) + ids[len(t.prompt_ids):]))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {
+        "input_ids": [ids + [pad] * (width - len(ids)) for ids, _ in rows],
+        "attention_mask": [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows],
+        "labels": [lab + [-100] * (width - len(lab)) for _, lab in rows],
+    }
+
+
+def write_rank_record(path: Path, *, rank: int, world_size: int, served: list[str]) -> None:
+    from pipeline.fsutil import atomic_write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"rank": rank, "world_size": world_size, "served": served})
