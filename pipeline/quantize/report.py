@@ -1,0 +1,84 @@
+"""ladder.md (the table) and ladder.png (quality against size) from the ladder's rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.fsutil import atomic_write_text
+
+
+def ladder_markdown(result: dict) -> str:
+    ref = result["reference"]
+    lines = [
+        f"# GGUF ladder: {result['model_name']}",
+        "",
+        f"Reference: {ref['type']} GGUF under llama.cpp ({ref['why']}); every rung scored with llama.cpp on the same "
+        f"{ref['score']['positions']} held-out next-token positions ({result['scoring']['windows']} windows of "
+        f"{result['scoring']['window']} tokens). KLD = mean KL(reference || rung) in nats; top-1 = share of positions "
+        "where the rung's most likely next token is the reference's. Size in MB of 10^6 bytes (the file); bpw = "
+        "llama.cpp's tensor bytes x 8 / parameters. Wall s = quantize + score, on a shared machine (noisy).",
+        "",
+        "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {ref['type']} (reference) | {ref['file_mb']:.1f} | {ref['bpw']:.2f} | {ref['score']['perplexity']:.3f} | 0 | 0 | 1 | "
+        f"{ref['convert_s'] + ref['score']['score_s']:.1f} |",
+    ]
+    for r in result["rungs"]:
+        s = r["score"]
+        lines.append(f"| {r['label']} | {r['file_mb']:.1f} | {r['bpw']:.2f} | {s['perplexity']:.3f} | {s['mean_kld']:.5f} | "
+                     f"{s['kld_p99']:.4f} | {s['top1_agreement']:.4f} | {r['quantize_s'] + s['score_s']:.1f} |")
+    hf = result.get("reference_vs_transformers")
+    if hf:
+        lines += ["", f"Reference vs transformers (first window, {hf['positions']} positions): KLD {hf['mean_kld']:.2e}, "
+                      f"top-1 {hf['top1_agreement']:.4f}, max |log-prob diff| {hf['max_abs_logprob_diff']:.2e}."]
+    tok = result["tokenizer_fidelity"]
+    lines += ["", f"Tokenizer: llama.cpp ids equal transformers' on {tok['texts_checked']} texts ({tok['tokens_checked']} "
+                  f"tokens){'; pre-tokenizer forced to ' + repr(tok['forced_pre_tokenizer']) if tok.get('forced_pre_tokenizer') else ''}."]
+    if result.get("imatrix"):
+        im = result["imatrix"]
+        lines += ["", f"Importance matrix: llama-imatrix on {im['tokens']} calibration tokens ({im['chunks']} chunks of "
+                      f"{im['n_ctx']}), held-out text disjoint from the scored text."]
+    if not result.get("complete", False):
+        lines += ["", "**Incomplete**: the ladder stopped before every rung was made."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ladder(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rungs = result["rungs"]
+    fig, (ax_kld, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sizes = [r["file_mb"] for r in rungs]
+    klds = [max(r["score"]["mean_kld"], 1e-7) for r in rungs]
+    ppls = [r["score"]["perplexity"] for r in rungs]
+    ax_kld.plot(sizes, klds, "o-")
+    ax_kld.set_yscale("log")
+    ax_kld.set_xlabel("file size (MB)")
+    ax_kld.set_ylabel("mean KL(reference || rung), nats")
+    ax_ppl.plot(sizes, ppls, "o-", label="rungs")
+    ref = result["reference"]
+    ax_ppl.axhline(ref["score"]["perplexity"], color="gray", linestyle="--", label=f"{ref['type']} reference")
+    ax_ppl.set_xlabel("file size (MB)")
+    ax_ppl.set_ylabel("held-out perplexity")
+    ax_ppl.legend()
+    for r, x, k, p in zip(rungs, sizes, klds, ppls):
+        ax_kld.annotate(r["label"], (x, k), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax_ppl.annotate(r["label"], (x, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig.suptitle(f"GGUF ladder of {result['model_name']}: quality vs size (llama.cpp, same held-out tokens)")
+    fig.tight_layout()
+    tmp = path.parent / f".{path.name}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_ladder_reports(result: dict, out_dir: Path, *, plot: bool) -> None:
+    from pipeline.fsutil import atomic_write_json
+
+    atomic_write_json(out_dir / "ladder.json", result)
+    atomic_write_text(out_dir / "ladder.md", ladder_markdown(result))
+    if plot and result["rungs"]:
+        plot_ladder(result, out_dir / "ladder.png")
