@@ -269,10 +269,14 @@ def _mask_with_template(tokenizer, messages: list[dict], *, train_roles: Sequenc
         if message["role"] == "assistant":
             # Everything the model writes after its generation prompt is its turn (Qwen3's empty
             # <think></think> too, as TRL's qwen3_training.jinja trains it).
-            prompt = _render(tokenizer, messages[:index], where=where, chat_template=chat_template,
-                             add_generation_prompt=True) if index > 0 else ""
-            if index > 0 and text.startswith(prompt) and len(prompt) <= content_start:
-                content_start = len(prompt)
+            # Only a template that writes a generation prompt (the assistant's header) says where
+            # the model starts writing; without one, the placeholder's position stands.
+            if index > 0:
+                history = _render(tokenizer, messages[:index], where=where, chat_template=chat_template)
+                prompt = _render(tokenizer, messages[:index], where=where, chat_template=chat_template,
+                                 add_generation_prompt=True)
+                if prompt != history and text.startswith(prompt) and len(prompt) <= content_start:
+                    content_start = len(prompt)
 
         # Tokens overlapping [content_start, content_end): the reply (a token straddling the start
         # because BPE merged it with the template's text is the model's to write), as one run.
