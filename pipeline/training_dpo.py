@@ -122,13 +122,42 @@ def load_policy(model_dir: str, *, bf16: bool, attn: str):
     return model
 
 
+def pairs_dataset(pairs: list[dict], *, shared_dir: Path | None):
+    """The pairs as a ``datasets.Dataset``; on several ranks, saved once under ``shared_dir`` and
+    memory-mapped by every rank.
+
+    Why: ``precompute_ref_log_probs`` makes rank 0 write the reference log-probs to a cache file
+    next to the dataset's own files, which the other ranks then open. An in-memory dataset
+    (``Dataset.from_list``) has no files, so each rank picks its *own* temporary directory and
+    rank 1 fails with ``FileNotFoundError: .../hf_datasets-XXXX/cache-....arrow`` (seen with TRL
+    1.16 under 2-process ZeRO-3). ``shared_dir`` must be on storage every rank sees (the stage's
+    checkpoint directory is)."""
+    import datasets
+    from accelerate import PartialState
+
+    ds = datasets.Dataset.from_list(pairs)
+    state = PartialState()
+    if shared_dir is None or state.num_processes == 1:
+        return ds
+    from pipeline.fsutil import atomic_output_dir, hash_text
+
+    target = Path(shared_dir) / hash_text(json.dumps(pairs, sort_keys=True))[:16]
+    if state.is_main_process and not target.exists():
+        with atomic_output_dir(target) as tmp:
+            ds.save_to_disk(str(tmp))
+    state.wait_for_everyone()
+    return datasets.load_from_disk(str(target))
+
+
 def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], settings: DPOSettings,
-                      trainer_args: dict[str, Any], bf16: bool, attn: str = "sdpa", eval_pairs: list[dict] | None = None):
+                      trainer_args: dict[str, Any], bf16: bool, attn: str = "sdpa", eval_pairs: list[dict] | None = None,
+                      shared_dataset_dir: Path | None = None):
     """A ``trl.DPOTrainer`` for ``train_pairs`` (``pipeline.data.preference`` shape), its recording
     collator and data stats. ``trainer_args`` are TrainingArguments keywords (output_dir, steps,
     batch size, ``deepspeed``/``accelerator_config`` under DeepSpeed, ...); the DPO ones come from
-    ``settings``. The reference is the initial policy (see the module doc)."""
-    import datasets
+    ``settings``. The reference is the initial policy (see the module doc). Under several ranks,
+    ``shared_dataset_dir`` (storage all ranks see) is needed with ``precompute_ref_log_probs``
+    (see ``pairs_dataset``)."""
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
@@ -161,8 +190,9 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
         ref_model = load_policy(model_dir, bf16=bf16, attn=attn)
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,
-        train_dataset=datasets.Dataset.from_list(pairs),
-        eval_dataset=datasets.Dataset.from_list(eval_pairs) if eval_pairs else None,
+        train_dataset=pairs_dataset(pairs, shared_dir=shared_dataset_dir and Path(shared_dataset_dir) / "train"),
+        eval_dataset=pairs_dataset(eval_pairs, shared_dir=shared_dataset_dir and Path(shared_dataset_dir) / "eval")
+        if eval_pairs else None,
     )
     collator = RecordingPreferenceCollator(trainer.data_collator)
     trainer.data_collator = collator

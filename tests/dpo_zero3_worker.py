@@ -41,6 +41,7 @@ def main() -> None:
                            precompute_ref_log_probs="--precompute" in flags)
     trainer, collator, stats = build_dpo_trainer(
         model_dir=model_dir, tokenizer=tokenizer, train_pairs=pairs, settings=settings, bf16=False,
+        shared_dataset_dir=out / "datasets",
         trainer_args=dict(output_dir=str(out / "ck"), use_cpu=True, max_steps=2, per_device_train_batch_size=2,
                           gradient_accumulation_steps=1, learning_rate=5e-3, logging_steps=1, save_strategy="no",
                           seed=0, data_seed=0, deepspeed=json.loads(Path(ds_file).read_text()),

@@ -234,17 +234,20 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "precompute", "lora"])
 def test_zero3_two_ranks_train_on_different_pairs_and_the_saved_model_is_the_trained_one(
-        tmp_path, tiny_base_model_dir, pairs_file):
+        tmp_path, tiny_base_model_dir, pairs_file, mode):
     """2 processes, DeepSpeed ZeRO-3 over gloo on CPU: each rank knows its rank, the ranks train on
-    disjoint pairs, the reference is sharded too, and the consolidated save reloads (in this, a
-    fresh process) to the in-memory model's fixed-batch loss."""
+    disjoint pairs, the first loss is ln 2 (the reference is the initial model: a sharded copy,
+    precomputed log-probs, or the adapter switched off), and the saved model (consolidated weights,
+    or the LoRA adapter merged onto the base) reloads here, in a fresh process, to the in-memory
+    model's fixed-batch loss."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     small = tmp_path / "pairs24.jsonl"
     small.write_text("".join(pairs_file.read_text().splitlines(keepends=True)[:24]))
-    out = launch_two_ranks(tmp_path, tiny_base_model_dir, small)
+    out = launch_two_ranks(tmp_path, tiny_base_model_dir, small, *([] if mode == "full" else [f"--{mode}"]))
     records = [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
     assert all(len(r["served"]) == 4 for r in records)  # 2 steps x 2 pairs per rank
@@ -252,9 +255,15 @@ def test_zero3_two_ranks_train_on_different_pairs_and_the_saved_model_is_the_tra
     result = json.loads((out / "fixed_batch.json").read_text())
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[1] < losses[0]
-    model = AutoModelForCausalLM.from_pretrained(out / "model", use_safetensors=True).eval()
+    if mode == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_base_model_dir, use_safetensors=True)
+        model = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload().eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out / "model", use_safetensors=True).eval()
+        trained, initial = load_file(out / "model" / "model.safetensors"), load_file(tiny_base_model_dir / "model.safetensors")
+        assert trained.keys() == initial.keys() and all(not torch.equal(trained[k], initial[k]) for k in initial)
     with torch.no_grad():
         reloaded = model(**{k: torch.tensor(v) for k, v in result["batch"].items()}).loss.item()
     assert reloaded == pytest.approx(result["loss"], rel=1e-5)
-    trained, initial = load_file(out / "model" / "model.safetensors"), load_file(tiny_base_model_dir / "model.safetensors")
-    assert trained.keys() == initial.keys() and all(not torch.equal(trained[k], initial[k]) for k in initial)
