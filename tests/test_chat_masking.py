@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from chat_tokenizers import (gemma_standin_tokenizer, gguf_tokenizer, mistral_v3_tokenizer, trl_template,
-                             with_template)
+from chat_tokenizers import (gemma_standin_tokenizer, gguf_tokenizer, mistral_v3_tokenizer, smollm2_tokenizer,
+                             trl_template, with_template)
 from pipeline.data.chat_masking import (check_template_masks, labels_from_mask, mask_assistant_tokens,
                                         masked_rows, mistral_common_tokenizer_for)
 from pipeline.errors import ConfigError
@@ -57,6 +57,7 @@ TEMPLATES = {
     "phi3_5": ("phi3", "<|end|>", True),
     "gemma": ("gemma_standin", "<end_of_turn>", False),  # raises on a system turn by design
     "gemma3": ("gemma_standin", "<end_of_turn>", True),
+    "smollm2": ("smollm2", "<|im_end|>", True),  # its own tokenizer and template, from its GGUF
 }
 # TRL's training variants with generation markers (an oracle where they render the same tokens).
 TRL_TRAINING = {"llama3", "qwen2_5", "qwen3", "phi3", "phi3_5", "gemma", "gemma3"}
@@ -67,8 +68,11 @@ _TOKENIZERS: dict[str, object] = {}
 def tokenizer_for(template: str):
     tok_name = TEMPLATES[template][0]
     if tok_name not in _TOKENIZERS:
-        _TOKENIZERS[tok_name] = gemma_standin_tokenizer() if tok_name == "gemma_standin" else gguf_tokenizer(tok_name)
-    return with_template(_TOKENIZERS[tok_name], trl_template(template))
+        loaders = {"gemma_standin": gemma_standin_tokenizer, "smollm2": smollm2_tokenizer}
+        _TOKENIZERS[tok_name] = loaders.get(tok_name, lambda: gguf_tokenizer(tok_name))()
+        _TOKENIZERS[tok_name].init_template = _TOKENIZERS[tok_name].chat_template
+    tok = _TOKENIZERS[tok_name]
+    return with_template(tok, tok.init_template if template == "smollm2" else trl_template(template))
 
 
 def template_ids(tok, messages, **kwargs):
@@ -154,6 +158,22 @@ def test_qwen3_reasoning_kept_in_the_last_turn_and_dropped_from_earlier_ones():
     assert trl_ids == plain.input_ids
     assert [m for m, t in zip(trl_mask, trl_ids) if tok.decode([t]).strip()] == \
         [m for m, t in zip(plain.assistant_mask, plain.input_ids) if tok.decode([t]).strip()]
+
+
+def test_qwen3_with_think_as_added_tokens():
+    """Real Qwen3 has <think>/</think> as added (non-special) tokens: the mask and the end-of-turn
+    search treat them as reply text."""
+    tok = with_template(gguf_tokenizer("qwen2"), trl_template("qwen3"))
+    tok.add_tokens(["<think>", "</think>"])
+    think, close = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    messages = [USER1, _assistant("<think>\nFrance's capital city.\n</think>\n\nParis."),
+                USER2, _assistant("<think>Italy: Rome.</think>Rome.")]
+    ex = mask_assistant_tokens(tok, messages)
+    assert ex.input_ids == template_ids(tok, messages)[0]
+    first, last = ex.turns
+    assert think not in ex.input_ids[first.token_start:first.token_end]
+    trained = ex.input_ids[last.token_start:last.token_end]
+    assert trained[0] == think and close in trained and trained[-1] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_truncation_inside_a_reply_keeps_a_prefix_or_untrains_it():
