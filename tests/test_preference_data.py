@@ -159,3 +159,46 @@ def test_heldout_split_follows_the_sft_split_of_the_chosen_conversation():
         sft_conv = p["prompt"] + p["chosen"]
         assert preference_key(p) == conversation_key(sft_conv)
         assert (p in split.heldout) == is_heldout(conversation_key(sft_conv), 0.25)
+
+
+def _make_demo_preferences():
+    import importlib.util
+
+    from pipeline.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("make_demo_preferences", REPO_ROOT / "scripts" / "make_demo_preferences.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_demo_preferences_are_reproduced_byte_for_byte(tmp_path):
+    """data/demo/preferences.jsonl is what the script writes (mismatched-answer negatives, fixed
+    seed); 96 of its 384 pairs are held out at the demo's heldout_fraction 0.05, and those are
+    exactly the pairs whose conversation sft holds out."""
+    from pipeline.config import REPO_ROOT
+    from pipeline.data import load_conversations
+
+    script = _make_demo_preferences()
+    stats = script.main(["--out", str(tmp_path / "p.jsonl")])
+    shipped = REPO_ROOT / "data" / "demo" / "preferences.jsonl"
+    assert (tmp_path / "p.jsonl").read_bytes() == shipped.read_bytes()
+    assert (stats["pairs"], stats["heldout_pairs"], stats["train_pairs"]) == (384, 96, 288)
+    pairs = load_preferences([str(shipped)])
+    split = split_preferences(pairs, 0.05)
+    assert (len(split.train), len(split.heldout)) == (288, 96)
+    sft = {conversation_key(c) for c in load_conversations([str(REPO_ROOT / "data" / "demo" / "instructions.jsonl")])}
+    for p in pairs:
+        assert conversation_key(p["prompt"] + p["chosen"]) in sft  # chosen = the reference answer
+        assert conversation_key(p["prompt"] + p["rejected"]) not in sft  # rejected: another question's answer
+
+
+def test_rejected_replies_sampled_from_a_model(tmp_path, tiny_base_model_dir, tiny_data_dir):
+    script = _make_demo_preferences()
+    stats = script.main(["--input", str(tiny_data_dir / "instructions.jsonl"), "--out", str(tmp_path / "s.jsonl"),
+                         "--model", str(tiny_base_model_dir), "--train-pairs", "3", "--heldout-pairs", "1",
+                         "--max-new-tokens", "8", "--batch-size", "4"])
+    pairs = load_preferences([str(tmp_path / "s.jsonl")])
+    assert len(pairs) == stats["pairs"] == 4 - stats["skipped_samples"] and pairs
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert all("sample of the model" in r["source"]["rejected"] for r in rows)
