@@ -337,6 +337,33 @@ def test_mistral_v3_ids_equal_mistral_common_and_keep_the_system_prompt(mistral_
         assert_turns_are_replies(mistral_tok, messages, ex, "</s>")
 
 
+def test_mistral_v1_tokenizer_with_inst_template_goes_through_mistral_common(tmp_path):
+    """Mistral-7B-v0.1's vocabulary (mistral-common's tokenizer.model.v1; no [INST] token) is found
+    by its pieces once its template names [INST]; ids are mistral-common's V1 encoding."""
+    mistral_common = pytest.importorskip("mistral_common")
+    pytest.importorskip("sentencepiece")
+    import shutil
+    from pathlib import Path
+
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from transformers import LlamaTokenizer
+
+    src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    shutil.copy(src, tmp_path / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(str(tmp_path))
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    mistral = mistral_common_tokenizer_for(tok)
+    assert mistral is not None and type(mistral.instruct_tokenizer).__name__ == "InstructTokenizerV1"
+    messages = [USER1, _assistant("Paris."), USER2, _assistant("Rome.")]
+    ex = mask_assistant_tokens(tok, messages)
+    expected = mistral.encode_chat_completion(ChatCompletionRequest(messages=[
+        UserMessage(content=USER1["content"]), AssistantMessage(content="Paris."),
+        UserMessage(content=USER2["content"]), AssistantMessage(content="Rome.")])).tokens
+    assert ex.encoder == "mistral_common" and ex.input_ids == list(expected)
+    assert_turns_are_replies(tok, messages, ex, "</s>")
+
+
 def test_mistral_detection_is_by_vocabulary_not_template(mistral_tok):
     # Llama 2's SentencePiece vocabulary with an [INST] template is not Mistral's: template path.
     llama2 = gguf_tokenizer("llama_spm")
