@@ -3,6 +3,7 @@ preference metrics (pipeline/evaluation_preference.py): real trainer steps, no m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import torch_threads
 from pipeline.config import REPO_ROOT
 from pipeline.data.preference import load_preferences
 from pipeline.errors import ConfigError
@@ -22,6 +22,17 @@ from pipeline.evaluation_preference import evaluate_preferences, reply_logprobs,
 from pipeline.training_dpo import DPOSettings, build_dpo_trainer, trl_loss_arguments, validate_dpo_settings
 
 MAX_LENGTH = 96
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """One intra-op thread: a tiny model is overhead-bound, and extra threads spin on shared cores."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
