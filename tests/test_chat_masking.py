@@ -476,3 +476,21 @@ def test_sft_trainer_refuses_assistant_only_loss_on_pretokenized_rows(tmp_path):
     with pytest.raises(ValueError, match="not conversational"):
         SFTTrainer(model=_tiny_model(len(tok)), args=_sft_args(tmp_path, assistant_only_loss=True),
                    train_dataset=datasets.Dataset.from_list(built.rows), processing_class=tok)
+
+
+def test_cli_checks_a_file_and_names_the_bad_row(tmp_path, capsys):
+    from pipeline.data.chat_masking import main
+
+    tok = tokenizer_for("qwen2_5")
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(str(tok_dir))
+    good = tmp_path / "chat.jsonl"
+    good.write_text("\n".join(json.dumps({"messages": m}) for _, m in conversations(system=True)) + "\n")
+    assert main([str(tok_dir), str(good), "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert '"trained_text": "Paris.<|im_end|>"' in out and '"rows": 6' in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [USER1, _assistant("Paris.")]}) + "\n"
+                   + json.dumps({"messages": [USER1, USER2]}) + "\n")
+    assert main([str(tok_dir), str(bad)]) == 2
+    assert f"{bad} row 1: has no assistant message" in capsys.readouterr().out

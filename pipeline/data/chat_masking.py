@@ -526,3 +526,47 @@ def check_template_masks(
     stats = result.stats()
     stats["encoder"] = "mistral_common" if (chat_template is None and mistral_common_tokenizer_for(tokenizer)) else "chat_template"
     return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.data.chat_masking TOKENIZER_DIR FILE [FILE ...] [--max-length N]``:
+    every conversation of the files (any sft format) through the masking, with its verification;
+    prints the stats as JSON, or the first bad row's error (exit 2)."""
+    import argparse
+    import json
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data import read_rows, sft_row_messages
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.data.chat_masking", description=main.__doc__)
+    ap.add_argument("tokenizer", help="a local model or tokenizer directory")
+    ap.add_argument("files", nargs="+", help=".jsonl/.json/.parquet conversations (messages, ShareGPT, alpaca, ...)")
+    ap.add_argument("--max-length", type=int, default=None)
+    ap.add_argument("--sft-format", default="auto")
+    ap.add_argument("--messages-column", default="messages")
+    ap.add_argument("--show", type=int, default=0, help="print the trained text of the first N rows")
+    args = ap.parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
+    try:
+        conversations, names = [], []
+        for name in args.files:
+            for i, row in enumerate(read_rows(Path(name), field="files")):
+                where = f"{name} row {i}"
+                conversations.append(sft_row_messages(row, fmt=args.sft_format, messages_column=args.messages_column,
+                                                      where=where))
+                names.append(where)
+        result = masked_rows(tokenizer, conversations, max_length=args.max_length, row_names=names)
+    except ConfigError as e:
+        print(f"error: {e}")
+        return 2
+    for row in result.rows[: args.show]:
+        trained = [t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m]
+        print(json.dumps({"trained_text": tokenizer.decode(trained, skip_special_tokens=False)}, ensure_ascii=False))
+    encoder = "mistral_common" if mistral_common_tokenizer_for(tokenizer) is not None else "chat_template"
+    print(json.dumps({**result.stats(), "encoder": encoder}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
