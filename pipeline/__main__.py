@@ -38,19 +38,19 @@ def _hydra_main():
 
     def _run(dict_cfg) -> float | None:
         from pipeline.configio import to_typed
-        from pipeline.distributed import under_launcher
+        from pipeline.training.distributed import under_launcher
 
         cfg = to_typed(dict_cfg)
         if under_launcher():
             if cfg.stage not in ("cpt", "sft"):
                 raise ConfigError("stage", f"under accelerate launch only a training stage can run, got '{cfg.stage}'",
                                   "add stage=cpt or stage=sft (run base/merge/eval with plain `python -m pipeline`)")
-            from pipeline.train import run_training_stage
+            from pipeline.driver import run_training_under_launcher
 
-            run_training_stage(cfg, cfg.stage)
+            run_training_under_launcher(cfg)
             return None
+        from pipeline.cluster.slurm import apply_slurm_environment, is_follower, record_leader_failure, run_follower
         from pipeline.driver import run_pipeline
-        from pipeline.slurm import apply_slurm_environment, is_follower, record_leader_failure, run_follower
 
         # Inside a multi-node SLURM job every node runs this; node 0 leads, the others join training.
         cfg = apply_slurm_environment(cfg)

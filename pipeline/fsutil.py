@@ -258,3 +258,7 @@ def _cached_file_hash(p: Path) -> str:
         except OSError:
             pass  # a read-only home only costs re-hashing
     return _hash_cache[key]
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 0.01 * 1e9 else f"{n / 1e6:.2f} MB"

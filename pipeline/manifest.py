@@ -13,8 +13,9 @@ import json
 import platform
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.config import STAGES, REPO_ROOT
 from pipeline.errors import ConfigError
@@ -31,9 +32,9 @@ def stage_dir(run_dir: Path | str, stage: str) -> Path:
     return Path(run_dir) / f"{STAGES.index(stage):02d}_{stage}"
 
 
-def stage_key(stage: str, config: dict, inputs: list[dict]) -> str:
+def stage_key(stage: str, config: dict, inputs: list[StageInput]) -> str:
     """Identity of a stage's result: its config and the content of its inputs."""
-    payload = {"stage": stage, "config": config, "inputs": sorted(i["sha256"] for i in inputs)}
+    payload = {"stage": stage, "config": config, "inputs": sorted(i.sha256 for i in inputs)}
     return hash_text(json.dumps(payload, sort_keys=True, default=str))
 
 
@@ -61,47 +62,90 @@ def git_commit() -> str | None:
         return None
 
 
-def write_manifest(
-    out_dir: Path,
-    *,
-    stage: str,
-    key: str,
-    inputs: list[dict],
-    config: dict,
-    metrics: dict[str, Any],
-    started_at: float,
-    model_dir: str | None = ".",
-    extra: dict | None = None,
-) -> dict:
-    """Write the manifest into ``out_dir`` (the not-yet-renamed stage directory)."""
-    manifest = {
-        "stage": stage,
-        "status": "complete",
-        "key": key,
-        # Where the Hugging Face model directory of this stage is: "." = this directory.
-        "model_dir": model_dir,
-        "inputs": inputs,
-        "config": config,
-        "metrics": metrics,
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
-        "wall_time_s": round(time.time() - started_at, 2),
-        **(extra or {}),
-    }
-    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
+@dataclass
+class StageInput:
+    """One input of a stage: a model or data file, identified by a content hash (``sha256``: a file
+    or directory hash, a hub id's name@revision hash, or the producing stage's key)."""
+
+    role: str
+    path: str
+    sha256: str
+    stage: Optional[str] = None
+    revision: Optional[str] = None
+    has_revision: bool = field(default=False, repr=False)  # hub ids record their revision, even None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"role": self.role}
+        if self.stage is not None:
+            d["stage"] = self.stage
+        d["path"] = self.path
+        if self.has_revision or self.revision is not None:
+            d["revision"] = self.revision
+        d["sha256"] = self.sha256
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageInput":
+        return cls(role=d["role"], path=d["path"], sha256=d["sha256"], stage=d.get("stage"),
+                   revision=d.get("revision"), has_revision="revision" in d)
+
+
+@dataclass
+class Manifest:
+    """``manifest.json`` of a finished stage: what it was made from and how, and what it measured."""
+
+    stage: str
+    key: str
+    # Where the Hugging Face model directory of this stage is: "." = the stage directory itself, a path
+    # or hub id = a model referenced, not copied (the base), None = no model (eval).
+    model_dir: Optional[str]
+    inputs: list[StageInput]
+    config: dict
+    metrics: dict
+    versions: dict = field(default_factory=dict)
+    git_commit: Optional[str] = None
+    started_at: str = ""
+    wall_time_s: float = 0.0
+    status: str = "complete"
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "status": self.status, "key": self.key, "model_dir": self.model_dir,
+                "inputs": [i.to_dict() for i in self.inputs], "config": self.config, "metrics": self.metrics,
+                "versions": self.versions, "git_commit": self.git_commit, "started_at": self.started_at,
+                "wall_time_s": self.wall_time_s}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        return cls(stage=d["stage"], key=d["key"], model_dir=d.get("model_dir"),
+                   inputs=[StageInput.from_dict(i) for i in d.get("inputs", [])], config=d.get("config") or {},
+                   metrics=d.get("metrics") or {}, versions=d.get("versions") or {}, git_commit=d.get("git_commit"),
+                   started_at=d.get("started_at", ""), wall_time_s=d.get("wall_time_s", 0.0),
+                   status=d.get("status", "complete"))
+
+
+def new_manifest(*, stage: str, key: str, inputs: list[StageInput], config: dict, metrics: dict[str, Any],
+                 started_at: float, model_dir: Optional[str] = ".") -> Manifest:
+    return Manifest(stage=stage, key=key, model_dir=model_dir, inputs=list(inputs), config=config, metrics=metrics,
+                    versions=package_versions(), git_commit=git_commit(),
+                    started_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
+                    wall_time_s=round(time.time() - started_at, 2))
+
+
+def write_manifest(out_dir: Path, manifest: Manifest) -> Manifest:
+    """Write the manifest into ``out_dir`` (the not-yet-renamed stage directory): the last file a stage writes."""
+    atomic_write_json(Path(out_dir) / MANIFEST_NAME, manifest.to_dict())
     return manifest
 
 
-def read_manifest(directory: Path | str) -> dict | None:
+def read_manifest(directory: Path | str) -> Optional[Manifest]:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
-    return manifest if manifest.get("status") == "complete" else None
+    data = json.loads(path.read_text())
+    return Manifest.from_dict(data) if data.get("status") == "complete" else None
 
 
-def require_stage(run_dir: Path | str, stage: str, *, needed_by: str) -> dict:
+def require_stage(run_dir: Path | str, stage: str, *, needed_by: str) -> Manifest:
     """The manifest of a finished stage, or a clear error saying how to produce it."""
     d = stage_dir(run_dir, stage)
     manifest = read_manifest(d)
@@ -114,19 +158,19 @@ def require_stage(run_dir: Path | str, stage: str, *, needed_by: str) -> dict:
     return manifest
 
 
-def resolve_model_dir(run_dir: Path | str, stage: str, manifest: dict) -> str:
+def resolve_model_dir(run_dir: Path | str, stage: str, manifest: Manifest) -> str:
     """The model directory a stage produced, as a path or hub id loadable by from_pretrained."""
-    model_dir = manifest["model_dir"]
+    model_dir = manifest.model_dir
     if model_dir == ".":
         return str(stage_dir(run_dir, stage))
     return model_dir
 
 
-def latest_model_stage(run_dir: Path | str, before: str) -> tuple[str, dict]:
+def latest_model_stage(run_dir: Path | str, before: str) -> tuple[str, Manifest]:
     """The most recent completed stage before ``before`` that produced a model (for handing on)."""
     for stage in reversed(STAGES[: STAGES.index(before)]):
         manifest = read_manifest(stage_dir(run_dir, stage))
-        if manifest is not None and manifest.get("model_dir"):
+        if manifest is not None and manifest.model_dir:
             return stage, manifest
     raise ConfigError(
         str(run_dir), f"no completed stage before '{before}' produced a model",

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from pipeline.log import log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rebuild the whole release directory, model files included (hard links)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline.release import build_release, regenerate_card
+    from pipeline.release.package import build_release, regenerate_card
 
     try:
         if args.with_model:
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[dus] report: wrote {', '.join(p.name for p in written)} to {out}", flush=True)
-    print(f"[dus] report: model card: {out / 'README.md'}", flush=True)
+    log(f"wrote {', '.join(p.name for p in written)} to {out}", where="report")
+    log(f"model card: {out / 'README.md'}", where="report")
     if not (out / "config.json").is_file():
-        print(f"[dus] report: {out} holds no model files; --with-model links the final model in", flush=True)
+        log(f"{out} holds no model files; --with-model links the final model in", where="report")
     return 0
 
 

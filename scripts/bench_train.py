@@ -100,7 +100,8 @@ def our_stage(model, batches, tokenizer, out_dir: Path, bf16: bool) -> float:
     the dataset is exactly these blocks in order)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from pipeline.train import PreemptionCallback, RecordingCollator, ThroughputCallback, trainer_kwargs
+    from pipeline.training.callbacks import PreemptionCallback, RecordingCollator, ThroughputCallback
+    from pipeline.training.model import trainer_kwargs
 
     import datasets
 
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO_ROOT / "bench" / "train_results.md"))
     args = ap.parse_args()
 
-    from pipeline.demo import train_demo_tokenizer
+    from pipeline.models.demo import train_demo_tokenizer
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -111,7 +111,7 @@ def tiny_demo_config(tiny_data_dir) -> DemoModelConfig:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory, tiny_demo_config) -> Path:
-    from pipeline.demo import tokenizer_training_texts, train_demo_tokenizer
+    from pipeline.models.demo import tokenizer_training_texts, train_demo_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_tokenizer")
     texts = tokenizer_training_texts(tiny_demo_config, TINY_HELDOUT_FRACTION)
@@ -123,7 +123,7 @@ def tiny_tokenizer_dir(tmp_path_factory, tiny_demo_config) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base_model_build(tmp_path_factory, tiny_demo_config, tiny_tokenizer_dir) -> tuple[Path, dict]:
     """(model dir, metrics returned by ``build_demo_base``)."""
-    from pipeline.demo import build_demo_base
+    from pipeline.models.demo import build_demo_base
 
     d = tmp_path_factory.mktemp("tiny_base") / "model"
     with torch_threads(1):

@@ -264,7 +264,7 @@ def _disk_space(c: Case) -> str:
     filesystem (preflight of stage=cpt reads only config.json: no weights are written or needed)."""
     import shutil
 
-    from pipeline.resources import shape_from_config
+    from pipeline.checks.estimates import shape_from_config
 
     d = c.tmp / "huge"
     d.mkdir()
@@ -398,7 +398,7 @@ MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", 
 
 
 def test_parameter_counts_of_known_models():
-    from pipeline.resources import shape_from_config
+    from pipeline.checks.estimates import shape_from_config
 
     shape = shape_from_config(MISTRAL_7B)
     # Mistral-7B-v0.1 has 7,241,732,096 parameters (sum of its safetensors tensors).
@@ -409,10 +409,7 @@ def test_parameter_counts_of_known_models():
 
 
 def test_memory_disk_and_time_formulas():
-    from pipeline.resources import (
-        activation_bytes, checkpoint_bytes, checkpoints_on_disk, model_state_bytes, shape_from_config,
-        tokens_to_train, training_seconds,
-    )
+    from pipeline.checks.estimates import activation_bytes, checkpoint_bytes, checkpoints_on_disk, model_state_bytes, shape_from_config, tokens_to_train, training_seconds
 
     n = 10_731_524_096  # SOLAR 10.7B, all trainable, bf16, 8 GPUs
     z3 = model_state_bytes(n_params=n, n_trainable=n, weight_bytes=2, zero_stage=3, world_size=8)

@@ -23,7 +23,7 @@ def compose_typed(overrides, tmp_path) -> PipelineConfig:
 def test_every_experiment_composes_and_validates(experiment, tmp_path):
     cfg = compose_typed([f"experiment={experiment}"], tmp_path)
     assert isinstance(cfg, PipelineConfig)
-    from pipeline.distributed import validate_distributed
+    from pipeline.training.distributed import validate_distributed
 
     if cfg.distributed.num_machines == 1:
         validate_distributed(cfg.distributed, cfg.paths.conf_dir)

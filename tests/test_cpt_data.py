@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.config import CPTConfig, DataConfig, PathsConfig, PipelineConfig
-from pipeline.cpt_data import StreamingBlocks, prepare_cpt_data, prepare_streaming_cpt_data
+from pipeline.data.cpt_cache import StreamingBlocks, prepare_cpt_data, prepare_streaming_cpt_data
 from pipeline.data import load_text_records, pack_documents, split_records, tokenize_records
 from pipeline.errors import ConfigError
 

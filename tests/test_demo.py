@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import demo
+from pipeline.models import demo
 from pipeline.errors import ConfigError
 
 ROUND_TRIP_TEXTS = [

@@ -15,7 +15,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import evaluate as ev
+from pipeline.evaluation import harness, plots
+from pipeline.evaluation import metrics as ev_metrics
+from pipeline.evaluation import results as results_mod
 from pipeline.config import REPO_ROOT, EvalConfig
 from pipeline.data import load_conversations, load_text_records, split_records
 from pipeline.errors import ConfigError
@@ -71,15 +73,15 @@ def _manual_heldout_nll(model, tok, texts, seq_len):
 def test_heldout_perplexity_is_exp_of_hand_computed_mean_nll(model_and_tokenizer, heldout_texts):
     model, tok = model_and_tokenizer
     texts = [t[:400] for t in heldout_texts]
-    out = ev.heldout_perplexity(model, tok, texts, seq_len=48, batch_size=3)
+    out = ev_metrics.heldout_perplexity(model, tok, texts, seq_len=48, batch_size=3)
     nll, n = _manual_heldout_nll(model, tok, texts, 48)
     assert out["tokens"] == n
     assert out["loss"] == pytest.approx(nll / n, rel=1e-5)
     assert out["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
     # Deterministic, and the batch size only changes how windows are grouped.
-    assert ev.heldout_perplexity(model, tok, texts, seq_len=48, batch_size=3) == out
-    assert ev.heldout_perplexity(model, tok, texts, seq_len=48, batch_size=1)["loss"] == pytest.approx(out["loss"], rel=1e-5)
-    capped = ev.heldout_perplexity(model, tok, texts, seq_len=48, batch_size=3, max_tokens=100)
+    assert ev_metrics.heldout_perplexity(model, tok, texts, seq_len=48, batch_size=3) == out
+    assert ev_metrics.heldout_perplexity(model, tok, texts, seq_len=48, batch_size=1)["loss"] == pytest.approx(out["loss"], rel=1e-5)
+    capped = ev_metrics.heldout_perplexity(model, tok, texts, seq_len=48, batch_size=3, max_tokens=100)
     assert capped["tokens"] <= 99
     assert model.training is False
 
@@ -87,11 +89,11 @@ def test_heldout_perplexity_is_exp_of_hand_computed_mean_nll(model_and_tokenizer
 def test_heldout_perplexity_rejects_bad_arguments(model_and_tokenizer):
     model, tok = model_and_tokenizer
     with pytest.raises(ConfigError, match="seq_len"):
-        ev.heldout_perplexity(model, tok, ["some text"], seq_len=1, batch_size=1)
+        ev_metrics.heldout_perplexity(model, tok, ["some text"], seq_len=1, batch_size=1)
     with pytest.raises(ConfigError, match="longer than the model's"):
-        ev.heldout_perplexity(model, tok, ["some text"], seq_len=model.config.max_position_embeddings + 1, batch_size=1)
+        ev_metrics.heldout_perplexity(model, tok, ["some text"], seq_len=model.config.max_position_embeddings + 1, batch_size=1)
     with pytest.raises(ConfigError, match="no held-out"):
-        ev.heldout_perplexity(model, tok, [], seq_len=8, batch_size=1)
+        ev_metrics.heldout_perplexity(model, tok, [], seq_len=8, batch_size=1)
 
 
 # --------------------------------------------------------------------------- assistant-token loss
@@ -99,7 +101,7 @@ def test_heldout_perplexity_rejects_bad_arguments(model_and_tokenizer):
 
 def test_assistant_token_loss_counts_only_assistant_tokens(model_and_tokenizer, conversations):
     model, tok = model_and_tokenizer
-    out = ev.assistant_token_loss(model, tok, conversations, max_length=512, batch_size=4)
+    out = ev_metrics.assistant_token_loss(model, tok, conversations, max_length=512, batch_size=4)
 
     nll, n, n_all = 0.0, 0, 0
     with torch.no_grad():
@@ -123,14 +125,14 @@ def test_assistant_token_loss_counts_only_assistant_tokens(model_and_tokenizer, 
     # A different user turn changes the context (so the loss), never which tokens are scored.
     edited = [[{**m, "content": "Tell me, briefly: " + m["content"]} if m["role"] == "user" else m for m in c]
               for c in conversations]
-    out_edited = ev.assistant_token_loss(model, tok, edited, max_length=512, batch_size=4)
+    out_edited = ev_metrics.assistant_token_loss(model, tok, edited, max_length=512, batch_size=4)
     assert out_edited["tokens"] == out["tokens"]
     # Padding (batch of 4) gives the same numbers as no padding (batch of 1).
-    assert ev.assistant_token_loss(model, tok, conversations, max_length=512, batch_size=1)["loss"] == pytest.approx(
+    assert ev_metrics.assistant_token_loss(model, tok, conversations, max_length=512, batch_size=1)["loss"] == pytest.approx(
         out["loss"], rel=1e-5)
     # max_examples and truncation.
-    assert ev.assistant_token_loss(model, tok, conversations, max_length=512, batch_size=4, max_examples=2)["examples"] == 2
-    short = ev.assistant_token_loss(model, tok, conversations, max_length=40, batch_size=4)
+    assert ev_metrics.assistant_token_loss(model, tok, conversations, max_length=512, batch_size=4, max_examples=2)["examples"] == 2
+    short = ev_metrics.assistant_token_loss(model, tok, conversations, max_length=40, batch_size=4)
     assert short["tokens"] < out["tokens"]
 
 
@@ -140,7 +142,7 @@ def test_assistant_token_loss_needs_generation_markers(model_and_tokenizer, conv
     try:
         tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         with pytest.raises(ConfigError, match=r"\{% generation %\}"):
-            ev.assistant_token_loss(model, tok, conversations, max_length=64, batch_size=2)
+            ev_metrics.assistant_token_loss(model, tok, conversations, max_length=64, batch_size=2)
     finally:
         tok.chat_template = template
 
@@ -150,8 +152,8 @@ def test_assistant_token_loss_needs_generation_markers(model_and_tokenizer, conv
 
 def test_run_lm_eval_offline_on_local_tasks(tiny_base_model_dir, heldout_texts, tmp_path):
     pytest.importorskip("lm_eval")
-    corpus = ev.write_text_jsonl([t[:800] for t in heldout_texts], tmp_path / "heldout.jsonl")
-    metrics = ev.run_lm_eval(
+    corpus = harness.write_text_jsonl([t[:800] for t in heldout_texts], tmp_path / "heldout.jsonl")
+    metrics = harness.run_lm_eval(
         str(tiny_base_model_dir), tasks=["dus_mc", "dus_corpus_ppl"], include_path=None, batch_size="8",
         device="cpu", limit=12, data_files={"dus_corpus_ppl": str(corpus)},
         average={"dus_mc": "acc", "dus_corpus_ppl": "bits_per_byte"},
@@ -160,16 +162,16 @@ def test_run_lm_eval_offline_on_local_tasks(tiny_base_model_dir, heldout_texts, 
     assert metrics["dus_mc/acc_stderr"] > 0
     assert metrics["dus_corpus_ppl/word_perplexity"] > 1 and metrics["dus_corpus_ppl/byte_perplexity"] > 1
     assert metrics["dus_corpus_ppl/bits_per_byte"] == pytest.approx(math.log2(metrics["dus_corpus_ppl/byte_perplexity"]))
-    assert metrics[ev.AVERAGE_KEY] == pytest.approx((metrics["dus_mc/acc"] + metrics["dus_corpus_ppl/bits_per_byte"]) / 2)
+    assert metrics[ev_metrics.AVERAGE_KEY] == pytest.approx((metrics["dus_mc/acc"] + metrics["dus_corpus_ppl/bits_per_byte"]) / 2)
     assert not any(k.endswith(",none") for k in metrics)
 
 
 def test_run_lm_eval_rejects_bad_task_settings(tmp_path):
     pytest.importorskip("lm_eval")
     with pytest.raises(ConfigError, match="harness_num_fewshot.*arc_challenge"):
-        ev.run_lm_eval("unused", tasks=["dus_mc"], batch_size=1, device="cpu", num_fewshot={"arc_challenge": 25})
+        harness.run_lm_eval("unused", tasks=["dus_mc"], batch_size=1, device="cpu", num_fewshot={"arc_challenge": 25})
     with pytest.raises(ConfigError, match="dus_corpus_ppl needs its data file"):
-        ev.run_lm_eval("unused", tasks=["dus_corpus_ppl"], batch_size=1, device="cpu")
+        harness.run_lm_eval("unused", tasks=["dus_corpus_ppl"], batch_size=1, device="cpu")
 
 
 def test_leaderboard_offline_fails_before_loading_the_model(tmp_path, monkeypatch):
@@ -185,7 +187,7 @@ def test_leaderboard_offline_fails_before_loading_the_model(tmp_path, monkeypatc
     assert board["harness_num_fewshot"] == {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc2": 0,
                                             "winogrande": 5, "gsm8k": 5}
     with pytest.raises(ConfigError) as err:  # the model dir does not exist: failing here means before loading it
-        ev.run_lm_eval(str(tmp_path / "no-model"), tasks=tasks, batch_size="auto", device="cpu",
+        harness.run_lm_eval(str(tmp_path / "no-model"), tasks=tasks, batch_size="auto", device="cpu",
                        num_fewshot=board["harness_num_fewshot"], average=board["harness_average"])
     message = str(err.value)
     assert "offline" in message and "network" in message and "cais/mmlu" in message
@@ -198,14 +200,14 @@ def test_leaderboard_offline_fails_before_loading_the_model(tmp_path, monkeypatc
     task_manager = TaskManager()
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    ev.check_tasks_available(["arc_challenge", "dus_mc"], task_manager=task_manager)
+    harness.check_tasks_available(["arc_challenge", "dus_mc"], task_manager=task_manager)
     with pytest.raises(ConfigError, match="unknown lm-eval task.*arc_challange"):
-        ev.check_tasks_available(["arc_challange"], task_manager=task_manager)
+        harness.check_tasks_available(["arc_challange"], task_manager=task_manager)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # Where datasets 5.x looks offline: a prepared copy, per config.
     (tmp_path / "hf_home" / "datasets" / "allenai___ai2_arc" / "ARC-Challenge" / "0.0.0" / "0123abcd").mkdir(parents=True)
     with pytest.raises(ConfigError) as err:
-        ev.check_tasks_available(["arc_challenge", "arc_easy", "dus_mc"], task_manager=task_manager)
+        harness.check_tasks_available(["arc_challenge", "arc_easy", "dus_mc"], task_manager=task_manager)
     assert "arc_easy (allenai/ai2_arc)" in str(err.value) and "arc_challenge" not in str(err.value)
 
 
@@ -219,20 +221,20 @@ def test_flatten_lm_eval_results_and_average():
             "wikitext": {"word_perplexity,none": 30.0, "word_perplexity_stderr,none": "N/A"},
         },
     }
-    flat = ev.flatten_lm_eval_results(raw, ["mmlu", "gsm8k", "wikitext"])
+    flat = harness.flatten_lm_eval_results(raw, ["mmlu", "gsm8k", "wikitext"])
     assert flat == {"mmlu/acc": 0.5, "mmlu/acc_stderr": 0.01, "gsm8k/exact_match,strict-match": 0.1,
                     "gsm8k/exact_match_stderr,strict-match": 0.01, "gsm8k/exact_match,flexible-extract": 0.2,
                     "wikitext/word_perplexity": 30.0}
-    assert ev.average_metrics(flat, {"mmlu": "acc", "gsm8k": "exact_match,strict-match"}) == pytest.approx(0.3)
-    assert ev.average_metrics(flat, {"mmlu": "acc", "arc_challenge": "acc_norm"}) is None
-    assert ev.mc_chance_accuracy(DEMO / "mc_eval.jsonl") == pytest.approx(0.417, abs=5e-4)
+    assert harness.average_metrics(flat, {"mmlu": "acc", "gsm8k": "exact_match,strict-match"}) == pytest.approx(0.3)
+    assert harness.average_metrics(flat, {"mmlu": "acc", "arc_challenge": "acc_norm"}) is None
+    assert harness.mc_chance_accuracy(DEMO / "mc_eval.jsonl") == pytest.approx(0.417, abs=5e-4)
 
 
 def test_local_task_yamls_are_valid_lm_eval_configs(tmp_path):
-    for task in ev.LOCAL_TASKS:
-        cfg = yaml.safe_load((ev.LOCAL_TASKS_DIR / f"{task}.yaml").read_text())
+    for task in ev_metrics.LOCAL_TASKS:
+        cfg = yaml.safe_load((ev_metrics.LOCAL_TASKS_DIR / f"{task}.yaml").read_text())
         assert cfg["task"] == task and cfg["dataset_path"] == "json"
-    out = ev.materialize_local_tasks(tmp_path, ["dus_mc"], {})
+    out = harness.materialize_local_tasks(tmp_path, ["dus_mc"], {})
     cfg = yaml.safe_load((out / "dus_mc.yaml").read_text())
     assert Path(cfg["dataset_kwargs"]["data_files"]["test"]) == (DEMO / "mc_eval.jsonl").resolve()
 
@@ -252,7 +254,7 @@ def _results(base=38.2, merge=95.0, cpt=36.0, sft=37.5):
 
 
 def test_write_results_json_and_markdown(tmp_path):
-    ev.write_results(_results(), tmp_path, chance={"dus_mc/acc": 0.417})
+    results_mod.write_results(_results(), tmp_path, chance={"dus_mc/acc": 0.417})
     data = json.loads((tmp_path / "results.json").read_text())
     assert list(data["stages"]) == ["base", "merge", "cpt", "sft"]
     assert data["stages"]["merge"]["heldout/perplexity"] == 95.0
@@ -269,11 +271,11 @@ def test_write_results_json_and_markdown(tmp_path):
     assert data["summary"] == [line for line in lines if line in data["summary"]]
 
     # The sentences follow the numbers.
-    ev.write_results(_results(merge=30.0, cpt=31.0), tmp_path)
+    results_mod.write_results(_results(merge=30.0, cpt=31.0), tmp_path)
     md = (tmp_path / "results.md").read_text()
     assert "merge lowered held-out perplexity from 38.20 (base) to 30.00; cpt brought it to 31.00" in md
     # Stages that did not run are simply absent.
-    ev.write_results({"base": {"heldout/perplexity": 12.0}}, tmp_path)
+    results_mod.write_results({"base": {"heldout/perplexity": 12.0}}, tmp_path)
     assert "| base | 12.00 |" in (tmp_path / "results.md").read_text()
 
 
@@ -286,17 +288,17 @@ def test_plots_are_written(tmp_path):
     (cpt_dir / "checkpoint-20").mkdir(parents=True)
     history = [{"step": s, "loss": 6.0 - s / 10, "learning_rate": 1e-3} for s in range(1, 21)] + [{"step": 20, "train_loss": 5.0}]
     (cpt_dir / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
-    assert ev.read_log_history(cpt_dir) == history
-    assert ev.read_log_history(tmp_path / "missing") == []
+    assert plots.read_log_history(cpt_dir) == history
+    assert plots.read_log_history(tmp_path / "missing") == []
     sft_logs = [{"step": s, "loss": 3.0 - s / 20} for s in range(1, 11)]
     results = _results()
-    training = ev.plot_training({"cpt": ev.read_log_history(cpt_dir), "sft": sft_logs},
+    training = plots.plot_training({"cpt": plots.read_log_history(cpt_dir), "sft": sft_logs},
                                 {s: m["heldout/perplexity"] for s, m in results.items()}, tmp_path / "plots" / "training.png")
-    tasks = ev.plot_tasks(results, tmp_path / "plots" / "tasks.png", chance={"dus_mc/acc": 0.417})
+    tasks = plots.plot_tasks(results, tmp_path / "plots" / "tasks.png", chance={"dus_mc/acc": 0.417})
     assert _is_png(training) and _is_png(tasks)
     # Degenerate inputs still give a figure.
-    assert _is_png(ev.plot_training({}, {"base": 10.0, "merge": 20.0}, tmp_path / "t2.png"))
-    assert ev.plot_tasks({}, tmp_path / "empty.png").is_file()
+    assert _is_png(plots.plot_training({}, {"base": 10.0, "merge": 20.0}, tmp_path / "t2.png"))
+    assert plots.plot_tasks({}, tmp_path / "empty.png").is_file()
 
 
 # --------------------------------------------------------------------------- config group

@@ -189,9 +189,10 @@ def test_disk_full_during_a_training_save(tmp_path, tiny_base_model_dir, tiny_da
     from pipeline.config import (
         DataConfig, DistributedConfig, InputSlice, MergeConfig, ModelConfig, OutputSlice, PathsConfig, PipelineConfig,
     )
-    from pipeline.driver import run_base_stage, run_merge_stage
+    from pipeline.driver import run_stage
+    from pipeline.stages import get_stage
     from pipeline.manifest import stage_dir
-    from pipeline.train import last_checkpoint
+    from pipeline.training.runner import last_checkpoint
 
     # A small corpus: its tokenized cache (~100 KB) stays under the limit, the model (~1.2 MB) does not.
     records = (tiny_data_dir / "corpus.txt").read_text().split("\n\n\n")[:8]
@@ -207,8 +208,8 @@ def test_disk_full_during_a_training_save(tmp_path, tiny_base_model_dir, tiny_da
         distributed=DistributedConfig(launcher="inprocess", zero_stage=0),
         paths=PathsConfig(run_dir=str(run_dir), cache_dir=str(cache), output_root=str(out)),
     )
-    run_base_stage(cfg)
-    run_merge_stage(cfg)
+    run_stage(get_stage("base"), cfg)
+    run_stage(get_stage("merge"), cfg)
     merged = stage_dir(run_dir, "merge") / "model-00001-of-00001.safetensors"
     limit = 400_000
     assert merged.stat().st_size > 2 * limit
@@ -243,8 +244,8 @@ def test_pickle_only_model_is_refused_naming_allow_pickle_and_loads_with_it(tmp_
     from safetensors.torch import load_file
 
     from pipeline.config import DistributedConfig, ModelConfig, PathsConfig, PipelineConfig
-    from pipeline.preflight import check_pickle_only_base
-    from pipeline.train import load_causal_lm
+    from pipeline.checks.preflight import check_pickle_only_base
+    from pipeline.training.model import load_causal_lm
 
     d = tmp_path / "pickled"
     shutil.copytree(llama, d)
@@ -291,7 +292,8 @@ def test_kill_9_during_the_pipelines_merge_stage_then_rerun(tmp_path, tiny_base_
     a file lock, then is linked into the run): after SIGKILL neither the cache entry nor the run's
     merge stage exists; the re-run takes the lock, clears the leftovers and writes the same bytes."""
     from pipeline.config import InputSlice, MergeConfig, ModelConfig, OutputSlice, PathsConfig, PipelineConfig
-    from pipeline.driver import run_base_stage, run_merge_stage
+    from pipeline.driver import run_stage
+    from pipeline.stages import get_stage
     from pipeline.manifest import read_manifest, stage_dir
 
     out, cache = tmp_path / "out", tmp_path / "cache"
@@ -302,7 +304,7 @@ def test_kill_9_during_the_pipelines_merge_stage_then_rerun(tmp_path, tiny_base_
                                   OutputSlice(sources=[InputSlice(layer_range=[1, 4])])], dtype="float32"),
         paths=PathsConfig(run_dir=str(run_dir), cache_dir=str(cache), output_root=str(out)),
     )
-    run_base_stage(cfg)
+    run_stage(get_stage("base"), cfg)
     args = [f"paths.output_root={out}", "run_name=tiny", f"paths.cache_dir={cache}", "stage=merge", "model.demo=null",
             f"model.name_or_path={tiny_base_model_dir}", "merge.dtype=float32",
             "merge.slices=[{sources:[{layer_range:[0,3]}]},{sources:[{layer_range:[1,4]}]}]"]
@@ -325,11 +327,11 @@ def test_kill_9_during_the_pipelines_merge_stage_then_rerun(tmp_path, tiny_base_
     assert not [p for p in finished if p.is_dir()], "a cache entry looks finished"
     assert not stage_dir(run_dir, "merge").exists() and read_manifest(stage_dir(run_dir, "merge")) is None
 
-    run_merge_stage(cfg)  # the re-run (in-process: the same code path the CLI takes)
+    run_stage(get_stage("merge"), cfg)  # the re-run (in-process: the same code path the CLI takes)
     merged = stage_dir(run_dir, "merge")
     assert read_manifest(merged) is not None and not list((cache / "merges").glob(".*.partial"))
     reference = tmp_path / "reference"
-    from pipeline.driver import resolved_merge_config
+    from pipeline.stages.merge import resolved_merge_config
 
     run_merge(resolved_merge_config(cfg, str(tiny_base_model_dir)), reference, base_model=str(tiny_base_model_dir),
               progress=False)

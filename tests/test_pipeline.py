@@ -139,7 +139,7 @@ def test_zero3_export_reloads_with_the_trained_loss(demo_run, stage):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.train import fixed_batch_loss
+    from pipeline.training.verify import fixed_batch_loss
 
     run_dir, _, _ = demo_run
     v = manifest(run_dir, stage)["metrics"]["verification"]

@@ -22,12 +22,21 @@ import yaml
 
 from pipeline.config import CPTConfig, DataConfig, REPO_ROOT, SFTConfig
 from pipeline.errors import ConfigError
-from pipeline.evaluate import write_results
+from pipeline.evaluation.results import write_results
 from pipeline.fsutil import atomic_write_json, atomic_write_text
-from pipeline.manifest import read_manifest, stage_dir, write_manifest
+from pipeline.manifest import StageInput, new_manifest, read_manifest, stage_dir
+from pipeline.manifest import write_manifest as _write_manifest
+
+
+def write_manifest(out_dir, *, inputs, **fields):
+    """A manifest as a stage writes one (inputs given as their JSON dicts)."""
+    return _write_manifest(out_dir, new_manifest(inputs=[StageInput.from_dict(i) for i in inputs], **fields))
 from pipeline.merge import InputSlice, MergeConfig, OutputSlice, run_merge
 from pipeline.merge.testing import make_tiny_model
-from pipeline.release import build_model_card, build_release, load_run, push_release
+from pipeline.release.card import build_model_card
+from pipeline.release.package import build_release
+from pipeline.release.record import load_run
+from pipeline.release.push import push_release
 
 BASE_CARD = "---\nlicense: apache-2.0\nlanguage:\n- en\n- fr\n---\n\n# tiny base\n"
 RESULTS = {
@@ -205,7 +214,7 @@ def test_release_only_merge_and_bad_out_dir(run_dir, tmp_path):
 
 def test_stale_stage_is_refused(run_dir, tmp_path):
     run = _clone(run_dir, tmp_path / "run")
-    m = read_manifest(stage_dir(run, "cpt"))
+    m = read_manifest(stage_dir(run, "cpt")).to_dict()
     atomic_write_json(stage_dir(run, "cpt") / "manifest.json", {**m, "key": "cpt-re-run"})
     with pytest.raises(ConfigError) as e:
         load_run(run)
@@ -223,7 +232,7 @@ def test_license_from_run_config_and_none_without_base_card(run_dir, tmp_path):
 
     nocard = tmp_path / "nocard_base"
     nocard.mkdir()
-    base = read_manifest(stage_dir(run, "base"))
+    base = read_manifest(stage_dir(run, "base")).to_dict()
     atomic_write_json(stage_dir(run, "base") / "manifest.json", {**base, "model_dir": str(nocard)})
     (run / "config.yaml").unlink()
     card = build_model_card(run)
@@ -285,7 +294,7 @@ def test_push_errors(run_dir, release, monkeypatch):
 def test_push_passes_the_env_token_to_the_client_only(run_dir, tmp_path, monkeypatch):
     import huggingface_hub
 
-    import pipeline.release as rel
+    import pipeline.hub
     from pipeline.report import main as report_main
 
     secret = "hf_TESTSECRET_8c1f0a9d2b7e"
@@ -304,7 +313,7 @@ def test_push_passes_the_env_token_to_the_client_only(run_dir, tmp_path, monkeyp
             calls.append(("upload_folder", kw))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(rel, "_hub_offline", lambda: False)
+    monkeypatch.setattr(pipeline.hub, "hub_offline", lambda: False)
     run = _clone(run_dir, tmp_path / "run")
     out = build_release(run)
     assert report_main([str(run)]) == 0

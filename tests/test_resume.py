@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.resume import CHECKPOINT_INFO, KILL_ENV, complete_checkpoints
+from pipeline.training.resume import CHECKPOINT_INFO, KILL_ENV, complete_checkpoints
 from tests.test_pipeline import run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow

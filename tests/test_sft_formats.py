@@ -74,7 +74,7 @@ def test_preflight_checks_the_first_row_through_the_chat_template(tmp_path, tiny
     and a template whose generation markers wrap nothing is refused."""
     import shutil
 
-    from pipeline.preflight import preflight
+    from pipeline.checks.preflight import preflight
 
     data = write_jsonl(tmp_path / "alpaca.jsonl", [ROWS["alpaca"]])
     cfg = PipelineConfig(stage="sft", data=DataConfig(sft_files=[data], cpt_files=[data]), sft=SFTConfig(),
@@ -84,7 +84,7 @@ def test_preflight_checks_the_first_row_through_the_chat_template(tmp_path, tiny
 
     from transformers import AutoTokenizer
 
-    from pipeline.demo import CHAT_TEMPLATE
+    from pipeline.models.demo import CHAT_TEMPLATE
 
     # Markers present but wrapping nothing: the template check passes, the sample does not.
     wrapped = "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
@@ -104,7 +104,7 @@ def test_sft_stage_trains_on_alpaca_data(tmp_path, tiny_base_model_dir):
     """An alpaca file goes through the real sft trainer: its rows are the converted conversations."""
     from transformers import AutoTokenizer
 
-    from pipeline.sft import build_sft_trainer
+    from pipeline.stages.sft import build_sft_trainer
 
     rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(str(k) for k in range(1, i + 1))}
             for i in range(1, 9)]
@@ -113,8 +113,9 @@ def test_sft_stage_trains_on_alpaca_data(tmp_path, tiny_base_model_dir):
                          sft=SFTConfig(max_length=64, per_device_train_batch_size=2, max_steps=1),
                          paths=PathsConfig(run_dir=str(tmp_path)))
     tok = AutoTokenizer.from_pretrained(tiny_base_model_dir)
-    trainer, collator, *_ = build_sft_trainer(cfg, tokenizer=tok, input_model=str(tiny_base_model_dir),
+    setup = build_sft_trainer(cfg, tokenizer=tok, input_model=str(tiny_base_model_dir),
                                               checkpoint_dir=tmp_path / "ck", ds_config=None, bf16=False, attn="sdpa")
+    trainer, collator = setup.trainer, setup.collator
     assert len(trainer.train_dataset) == 8
     batch = collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()

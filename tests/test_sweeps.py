@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from pipeline.config import REPO_ROOT, DistributedConfig
-from pipeline.slurm import expand_hostlist, slurm_distributed
-from pipeline.sweep import format_summary, read_job_records, write_job_record
+from pipeline.cluster.slurm import expand_hostlist, slurm_distributed
+from pipeline.cluster.sweep import format_summary, read_job_records, write_job_record
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pipeline import manifest, run_cli, seed_demo_base, tiny_overrides  # noqa: E402
@@ -193,7 +193,7 @@ def test_two_node_slurm_job_leader_runs_the_pipeline_follower_joins_training(tmp
     environment SLURM gives each node's task (no scontrol here: the host list is parsed). Node 1
     is started first and must wait for node 0's merge, then join cpt as machine_rank 1; the
     training has one process per node and world size 2."""
-    from pipeline.distributed import free_port
+    from pipeline.training.distributed import free_port
 
     args = [*sweep_overrides(tiny_data_dir, tmp_path, shared_cache), "run_name=nodes", "distributed=cpu_zero3",
             "distributed.num_processes=1", f"distributed.main_process_port={free_port()}", "eval.enabled=false"]

@@ -5,7 +5,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from pipeline.errors import ConfigError
-from pipeline.train import attn_implementation, freeze_except, layers_added_by_merge, use_bf16
+from pipeline.training.model import attn_implementation, freeze_except, layers_added_by_merge, use_bf16
 
 
 def tiny_model():
@@ -62,15 +62,16 @@ def test_sft_trains_on_assistant_tokens_only(tmp_path, tiny_base_model_dir, tiny
 
     from pipeline.config import DataConfig, PathsConfig, PipelineConfig, SFTConfig
     from pipeline.data import load_conversations
-    from pipeline.sft import build_sft_trainer
+    from pipeline.stages.sft import build_sft_trainer
 
     cfg = PipelineConfig(data=DataConfig(sft_files=[str(tiny_data_dir / "instructions.jsonl")], heldout_fraction=0.0),
                          sft=SFTConfig(max_length=128, per_device_train_batch_size=4, max_steps=1),
                          paths=PathsConfig(run_dir=str(tmp_path)))
     cfg.model.name_or_path = str(tiny_base_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_base_model_dir)
-    trainer, collator, *_ = build_sft_trainer(cfg, tokenizer=tok, input_model=str(tiny_base_model_dir),
+    setup = build_sft_trainer(cfg, tokenizer=tok, input_model=str(tiny_base_model_dir),
                                               checkpoint_dir=tmp_path / "ck", ds_config=None, bf16=False, attn="sdpa")
+    trainer, collator = setup.trainer, setup.collator
     rows = [trainer.train_dataset[i] for i in range(4)]
     batch = collator(rows)
     conversations = load_conversations(cfg.data.sft_files)

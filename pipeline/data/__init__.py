@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from pipeline.errors import ConfigError
+from pipeline.hub import datasets_offline
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
@@ -44,9 +45,7 @@ def is_hub_dataset_name(name: str) -> bool:
 
 
 def require_hub_access(name: str, *, field: str) -> None:
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    if datasets_offline():
         raise ConfigError(field, f"hub dataset '{name}' cannot be fetched offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)",
                           "run with network access, or download it and point at local .jsonl/.parquet files")
 
@@ -364,3 +363,28 @@ def pack_documents(docs: list[list[int]], seq_len: int) -> PackedBlocks:
         labels.append(lab)
     total = sum(len(d) for d in docs)
     return PackedBlocks(input_ids, position_ids, labels, total, total - len(input_ids) * seq_len)
+
+
+def check_data_files(files: list[str], *, field: str, column: str, column_field: str, txt_ok: bool, what: str) -> None:
+    """Each file exists (or is a reachable hub dataset), is not empty, and has ``column``."""
+    from pipeline.data import check_data_file, is_hub_dataset_name, read_rows, require_hub_access
+
+    if not files:
+        raise ConfigError(field, "is empty", f"list the {what}")
+    for name in files:
+        if is_hub_dataset_name(name):
+            require_hub_access(name, field=field)
+            continue
+        path = check_data_file(name, field=field)
+        if path.suffix == ".txt":
+            if not txt_ok:
+                raise ConfigError(field, f"{name} is a .txt file", f"give .jsonl/.json/.parquet rows with a '{column}' column")
+            if path.stat().st_size == 0:
+                raise ConfigError(field, f"{name} is empty")
+            continue
+        row = next(read_rows(path, field=field), None)
+        if row is None:
+            raise ConfigError(field, f"{name} has no rows")
+        if column not in row:
+            raise ConfigError(column_field, f"'{column}' is not a column of {name} (columns: {sorted(row)})",
+                              f"set {column_field} to the right column, or convert the data")

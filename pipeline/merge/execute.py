@@ -20,7 +20,7 @@ from typing import Dict, List
 
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, disk_full_error, is_disk_full
-from pipeline.resources import fmt_bytes
+from pipeline.fsutil import fmt_bytes
 from pipeline.merge.config import MergeConfig
 from pipeline.merge.plan import GENERATION_CONFIG, TOKENIZER_FILES, ResolvedMerge, TensorOp, validate_merge
 from pipeline.merge.safetensors_io import COMPUTE_CHUNK, DTYPES, ByteCopier, write_all

@@ -1,16 +1,23 @@
-"""Continued pretraining: heal the seam of the merged model on raw text.
+"""The cpt stage: continued pretraining heals the seam of the merged model on raw text.
 
-``run_cpt(cfg)`` runs on every rank under ``accelerate launch`` (DeepSpeed ZeRO from
-``cfg.distributed``); on one process it also works without a launcher.
+Blocks of ``cpt.seq_len`` tokens packed from the corpus records (no attention across documents),
+from the on-disk tokenized cache (filled once in the driver before the ranks start) or streamed.
+Trained on every rank under ``accelerate launch`` (DeepSpeed ZeRO from ``cfg.distributed``) by
+``pipeline.training.runner``; config group ``conf/cpt/``; tests: tests/test_cpt_data.py,
+tests/test_train.py, tests/test_pipeline.py.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from pipeline.config import PipelineConfig
-from pipeline.cpt_data import BLOCK_COLUMNS, CPTData, prepare_cpt_data, prepare_streaming_cpt_data
+from pipeline.data.cpt_cache import BLOCK_COLUMNS, CPTData, cpt_sources, prepare_cpt_data, prepare_streaming_cpt_data
+from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest, stage_dir
-from pipeline.train import RecordingCollator, freeze_except, layers_added_by_merge, load_causal_lm, trainer_kwargs
+from pipeline.training.callbacks import RecordingCollator
+from pipeline.training.model import freeze_except, layers_added_by_merge, load_causal_lm, trainer_kwargs
 
 FIXED_BATCH_BLOCKS = 4
 
@@ -21,25 +28,9 @@ def build_cpt_data(cfg: PipelineConfig, tokenizer, *, announce_hit: bool = True)
     return prepare_cpt_data(cfg, tokenizer, announce_hit=announce_hit)
 
 
-def tokenize_cpt_data_ahead(cfg: PipelineConfig, tokenizer_dir: str) -> None:
-    """Fill the tokenized-data cache before the training processes start, so no rank tokenizes
-    while the others wait (a multi-node job would otherwise race on a network filesystem)."""
-    from transformers import AutoTokenizer
-
-    if not cfg.data.streaming:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
-        prepare_cpt_data(cfg, tokenizer)
-
-
 def first_blocks(blocks, n: int) -> dict[str, list[list[int]]]:
     rows = blocks.with_format(None)[:n]
     return {k: rows[k] for k in BLOCK_COLUMNS}
-
-
-def run_cpt(cfg: PipelineConfig):
-    from pipeline.train import run_training_stage
-
-    return run_training_stage(cfg, "cpt")
 
 
 def trainable_layers(cfg: PipelineConfig) -> list[int] | None:
@@ -50,12 +41,12 @@ def trainable_layers(cfg: PipelineConfig) -> list[int] | None:
         merge = read_manifest(stage_dir(cfg.paths.run_dir, "merge"))
         if merge is None:
             raise ConfigError("cpt.trainable_from_merge", "needs the merge stage's manifest in this run directory")
-        layers = sorted(set(layers or []) | set(layers_added_by_merge(merge["metrics"])))
+        layers = sorted(set(layers or []) | set(layers_added_by_merge(merge.metrics)))
     return layers
 
 
 def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, checkpoint_dir,
-                      ds_config: dict | None, bf16: bool, attn: str):
+                      ds_config: dict | None, bf16: bool, attn: str) -> TrainerSetup:
     from accelerate import PartialState
     from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -81,4 +72,30 @@ def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
     collator = RecordingCollator(default_data_collator)
     trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
                       processing_class=tokenizer)
-    return trainer, collator, fixed_batch, data_stats, cfg.cpt.seq_len, False
+    return TrainerSetup(trainer=trainer, collator=collator, fixed_batch=fixed_batch, data_stats=data_stats,
+                        seq_len=cfg.cpt.seq_len)
+
+
+class CPTStage(TrainingStage):
+    name = "cpt"
+
+    def data_files(self, cfg: PipelineConfig) -> list[str]:
+        return list(cfg.data.cpt_files)
+
+    def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
+        """Weights match the files; streaming has a step count."""
+        cpt_sources(cfg)
+        if cfg.data.streaming and cfg.cpt.max_steps <= 0:
+            raise ConfigError("cpt.max_steps", "must be > 0 with data.streaming=true (a stream has no length to count epochs in)",
+                              "set cpt.max_steps to the number of optimizer steps to train")
+
+    def prepare_before_launch(self, cfg: PipelineConfig, *, input_model: str) -> None:
+        """Fill the tokenized-data cache before the training processes start, so no rank tokenizes
+        while the others wait (a multi-node job would otherwise race on a network filesystem)."""
+        from transformers import AutoTokenizer
+
+        if not cfg.data.streaming:
+            tokenizer = AutoTokenizer.from_pretrained(input_model, trust_remote_code=cfg.model.trust_remote_code)
+            prepare_cpt_data(cfg, tokenizer)
+
+    build_trainer = staticmethod(build_cpt_trainer)

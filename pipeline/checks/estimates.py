@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from pipeline.fsutil import fmt_bytes
 
 # Share of the device's peak FLOP/s a well-tuned dense-LM training run reaches (PaLM reports 46%,
 # Llama-2-scale runs 38-43% on A100/H100); 40% is a round middle. Real runs on small models or
@@ -232,10 +233,6 @@ class RunEstimate:
     notes: list[str] = field(default_factory=list)
 
 
-def fmt_bytes(n: float) -> str:
-    return f"{n / GB:.2f} GB" if n >= 0.01 * GB else f"{n / 1e6:.2f} MB"
-
-
 def fmt_count(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,.0f}"
 
@@ -281,7 +278,7 @@ def estimate_stage(*, stage: str, shape: ModelShape, num_layers: int, n_params: 
                    peak: tuple[Optional[float], str]) -> StageEstimate:
     from types import SimpleNamespace
 
-    from pipeline.train import training_flops_per_token
+    from pipeline.training.callbacks import training_flops_per_token
 
     mem = model_state_bytes(n_params=n_params, n_trainable=n_trainable, weight_bytes=weight_bytes,
                             zero_stage=zero_stage, world_size=world_size, offload_optimizer=offload_optimizer,

@@ -1,6 +1,6 @@
-"""The release step: the final model as a directory ready for the Hugging Face Hub, and its upload.
+"""The model card of a run, rendered from its record (manifests, merge config, eval results).
 
-``build_release(run_dir)`` writes ``<run_dir>/release/`` (atomically, hard links where possible):
+The release (``pipeline.release.package.build_release``) writes ``<run_dir>/release/``:
 
 * the files of the last model stage (sft, else cpt, else merge): weights (safetensors), config.json,
   generation_config.json, tokenizer and chat template;
@@ -24,144 +24,16 @@ read from an environment variable (``HF_TOKEN``) at upload time and passed to th
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 
-from pipeline.config import STAGES
-from pipeline.errors import ConfigError
-from pipeline.fsutil import atomic_output_dir, atomic_write_text
-from pipeline.manifest import read_manifest, resolve_model_dir, stage_dir
-
-RELEASE_DIR_NAME = "release"
-CARD_NAME = "README.md"
-MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
-RESULTS_FILES = ("results.json", "results.md")
-PLOTS = (
-    ("training.png", "Training loss across cpt and sft, with each stage's held-out perplexity"),
-    ("tasks.png", "Every metric by stage"),
+from pipeline import hub
+from pipeline.release.record import (
+    BASE_TAGS, CARD_NAME, MERGEKIT_URL, PAPER_URL, PLOTS, RunRecord, HUB_REPO, load_run,
 )
-PAPER_URL = "https://arxiv.org/abs/2312.15166"
-MERGEKIT_URL = "https://github.com/arcee-ai/mergekit"
-MODEL_STAGES = ("merge", "cpt", "sft")  # stages whose directory is a model, in pipeline order
-BASE_TAGS = ("mergekit", "merge", "depth-upscaling")
-
-# Not copied into a release: pipeline bookkeeping, resume state, and pickles (code run at load time).
-_EXCLUDE_NAMES = {"manifest.json", "merge_metrics.json", "build_metrics.json", "trainer_state.json",
-                  "training_args.bin", CARD_NAME, MERGEKIT_CONFIG_NAME}
-_EXCLUDE_DIRS = {"logs", "checkpoints", "runs", "__pycache__"}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def log(msg: str) -> None:
-    print(f"[dus] release: {msg}", flush=True)
-
-
-# ------------------------------------------------------------------------------------- the run
-
-
-@dataclass
-class RunRecord:
-    """What a finished run directory says about itself (read once, checked for consistency)."""
-
-    run_dir: Path
-    manifests: dict[str, dict]  # completed stages only
-    final_stage: str  # the stage whose model is released
-    merge_yaml: str  # 01_merge/mergekit_config.yml, verbatim
-    results: Optional[dict]  # {"stages": {stage: metrics}, "chance": {...}} or None (no eval)
-    plots: list[str] = field(default_factory=list)  # plot files present in 04_eval
-    release_cfg: dict = field(default_factory=dict)  # the `release` section of <run_dir>/config.yaml
-    run_name: str = ""  # run_name of <run_dir>/config.yaml, else the directory's name
-
-    @property
-    def base(self) -> dict:
-        return self.manifests.get("base") or {}
-
-    @property
-    def eval_dir(self) -> Path:
-        return stage_dir(self.run_dir, "eval")
-
-    def model_dir(self) -> Path:
-        return Path(resolve_model_dir(self.run_dir, self.final_stage, self.manifests[self.final_stage]))
-
-
-def load_run(run_dir: Path | str) -> RunRecord:
-    """Read the manifests of ``run_dir`` and check they describe one chain of results.
-
-    ConfigError when there is no merge, or when a later stage (or the eval) was made from an
-    earlier stage's result that has since been replaced (a partial re-run): the card would
-    describe a model that is not the one released.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(str(run_dir), "is not a directory", "give the run directory (e.g. outputs/demo)")
-    manifests = {s: m for s in STAGES if (m := read_manifest(stage_dir(run_dir, s))) is not None}
-    if "merge" not in manifests:
-        raise ConfigError(str(stage_dir(run_dir, "merge")), "no completed merge stage in this run directory: nothing to release",
-                          "run the pipeline first (`python -m pipeline`, stage=all)")
-    for stage in (*MODEL_STAGES, "eval"):
-        m = manifests.get(stage)
-        for inp in (m or {}).get("inputs", []):
-            prev = inp.get("stage")
-            if prev is None or (prev not in MODEL_STAGES and prev != "base"):
-                continue
-            pm = manifests.get(prev)
-            if pm is None or pm.get("key") != inp.get("sha256"):
-                now = "is gone" if pm is None else "has been re-run since"
-                raise ConfigError(
-                    str(stage_dir(run_dir, stage)),
-                    f"was made from a {prev} result that {now} ({stage_dir(run_dir, prev).name}/): "
-                    f"it does not belong to the models in this run directory",
-                    f"re-run `python -m pipeline stage={stage}` with this run directory, "
-                    f"or delete {stage_dir(run_dir, stage).name}/ if {stage} is no longer part of the run",
-                )
-    final_stage = [s for s in MODEL_STAGES if s in manifests][-1]
-    yml = stage_dir(run_dir, "merge") / MERGEKIT_CONFIG_NAME
-    if not yml.is_file():
-        raise ConfigError(str(yml), "is missing: the merge stage writes it", "re-run `python -m pipeline stage=merge`")
-    results, plots = None, []
-    if "eval" in manifests:
-        eval_dir = stage_dir(run_dir, "eval")
-        results = _read_results(eval_dir, manifests["eval"])
-        plots = [name for name, _ in PLOTS if (eval_dir / name).is_file()]
-    cfg = _run_config(run_dir)
-    release_cfg = cfg.get("release") if isinstance(cfg.get("release"), dict) else {}
-    return RunRecord(run_dir=run_dir, manifests=manifests, final_stage=final_stage, merge_yaml=yml.read_text(),
-                     results=results, plots=plots, release_cfg=release_cfg,
-                     run_name=str(cfg.get("run_name") or run_dir.name))
-
-
-def _read_results(eval_dir: Path, manifest: dict) -> dict:
-    """results.json of the eval stage; its manifest's metrics (no chance levels) when that is gone."""
-    import json
-
-    path = eval_dir / "results.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and isinstance(data.get("stages"), dict):
-            return {"stages": data["stages"], "chance": data.get("chance") or {}}
-    return {"stages": dict(manifest.get("metrics") or {}), "chance": {}}
-
-
-def _run_config(run_dir: Path) -> dict:
-    """The run's resolved config (``<run_dir>/config.yaml``, written by the driver); {} if none."""
-    path = run_dir / "config.yaml"
-    try:
-        cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
-
-
-# ------------------------------------------------------------------------------------ the card
+from pipeline.config import STAGES
 
 
 def _is_local_ref(ref: str) -> bool:
@@ -169,7 +41,7 @@ def _is_local_ref(ref: str) -> bool:
 
 
 def _is_hub_repo(ref: str) -> bool:
-    return not _is_local_ref(ref) and bool(_HUB_REPO.match(ref))
+    return not _is_local_ref(ref) and bool(HUB_REPO.match(ref))
 
 
 def _base_name(base: dict) -> Optional[str]:
@@ -238,7 +110,7 @@ def _base_card_metadata(base: dict) -> tuple[dict, str]:
             cached = try_to_load_from_cache(repo, CARD_NAME, revision=rev)
             if isinstance(cached, str):
                 path = Path(cached)
-            elif not _hub_offline():
+            elif not hub.hub_offline():
                 from huggingface_hub import hf_hub_download
 
                 path = Path(hf_hub_download(repo, CARD_NAME, revision=rev))
@@ -357,13 +229,6 @@ def _duration(seconds: Any) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _size(n: int) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
 
 
 def _table(rows: Sequence[tuple[str, str]]) -> list[str]:
@@ -549,7 +414,7 @@ def _evaluation_section(run: RunRecord) -> list[str]:
     lines = ["## Evaluation", ""]
     if not run.results:
         return lines + ["This run has no evaluation (its eval stage did not run)."]
-    from pipeline.evaluate import results_markdown
+    from pipeline.evaluation.results import results_markdown
 
     stages, chance = run.results["stages"], run.results.get("chance") or {}
     lines += [
@@ -637,7 +502,7 @@ def _intro(run: RunRecord, title: str) -> list[str]:
     ]
 
 
-def _render_card(run: RunRecord, *, license: Optional[str] = None, language: Any = None,
+def render_card(run: RunRecord, *, license: Optional[str] = None, language: Any = None,
                  repo_id: Optional[str] = None) -> str:
     from huggingface_hub import ModelCardData
 
@@ -663,249 +528,12 @@ def build_model_card(run_dir: Path | str, *, license: Optional[str] = None, lang
     ``license``/``language``/``repo_id`` override the run config's ``release.*`` values, which
     override what is carried from the base model's card (see ``card_metadata``).
     """
-    return _render_card(load_run(run_dir), license=license, language=language, repo_id=repo_id)
+    return render_card(load_run(run_dir), license=license, language=language, repo_id=repo_id)
 
 
 # --------------------------------------------------------------------------------- the release
 
 
-def _excluded(rel: Path) -> Optional[str]:
-    """Why a file of the model stage is left out of the release (None: it goes in)."""
-    if any(part.startswith(".") for part in rel.parts):
-        return "hidden"
-    if rel.parts[0] in _EXCLUDE_DIRS or any(p.startswith("checkpoint-") for p in rel.parts[:-1]):
-        return "pipeline logs / resume state"
-    if rel.name.lower().endswith(PICKLE_SUFFIXES):
-        return "pickle"
-    if len(rel.parts) == 1 and rel.name in _EXCLUDE_NAMES:
-        return "pipeline bookkeeping" if rel.name not in (CARD_NAME, MERGEKIT_CONFIG_NAME) else "regenerated"
-    return None
-
-
-def link_model_files(src: Path, dst: Path) -> list[tuple[str, str]]:
-    """Hard-link (else copy) ``src``'s model files into ``dst``; returns [(file, why left out)]."""
-    skipped: list[tuple[str, str]] = []
-    for dirpath, dirnames, files in os.walk(src):
-        dirnames.sort()
-        for name in sorted(files):
-            s = Path(dirpath) / name
-            rel = s.relative_to(src)
-            why = _excluded(rel)
-            if why:
-                skipped.append((str(rel), why))
-                continue
-            d = dst / rel
-            d.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(s, d)
-            except OSError:
-                shutil.copy2(s, d)
-    return skipped
-
-
-def check_model_files(model_dir: Path) -> None:
-    """config.json and safetensors weights (every shard the index names) are there."""
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(str(model_dir), "has no config.json: not a Hugging Face model directory")
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        import json
-
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        missing = sorted(s for s in shards if not (model_dir / s).is_file())
-        if missing:
-            raise ConfigError(str(model_dir), f"the safetensors index names missing shard(s) {missing}")
-    elif not any(model_dir.glob("*.safetensors")):
-        raise ConfigError(str(model_dir), "has no safetensors weights (pickle weights are never released)",
-                          "re-save the model with save_pretrained(safe_serialization=True)")
-
-
-def _check_out_dir(run: RunRecord, out: Path, *, replacing: bool) -> None:
-    """Refuse to write into the run itself or a stage, or (``replacing``) to replace a directory
-    that is not a release (one without README.md or mergekit_config.yml)."""
-    o = out.expanduser().resolve()
-    run_dir = run.run_dir.resolve()
-    protected = {run_dir, *(stage_dir(run_dir, s).resolve() for s in STAGES), run.model_dir().resolve()}
-    if o in protected or o in run_dir.parents:
-        raise ConfigError(str(out), "is the run directory, a stage directory or one of their parents",
-                          f"write the release elsewhere (default: {run.run_dir / RELEASE_DIR_NAME})")
-    if o.exists() and not o.is_dir():
-        raise ConfigError(str(out), "is a file", "give a directory")
-    looks_released = (o / CARD_NAME).is_file() or (o / MERGEKIT_CONFIG_NAME).is_file()
-    if replacing and o.exists() and any(o.iterdir()) and not looks_released:
-        raise ConfigError(str(out), "exists and is not a release directory (no README.md or mergekit_config.yml); "
-                          "building the release would replace it", "remove it or choose another output directory")
-
-
-def _copy_replace(src: Path, dst: Path) -> None:
-    """Copy to a temporary name, then rename: never writes through a hard link."""
-    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def write_release_docs(run: RunRecord, out: Path, card: Optional[str] = None) -> list[Path]:
-    """README.md, mergekit_config.yml, results.json/results.md (from the eval's results) and the
-    plots, into ``out``; returns the paths written."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / CARD_NAME, out / MERGEKIT_CONFIG_NAME]
-    atomic_write_text(out / CARD_NAME, card if card is not None else _render_card(run))
-    atomic_write_text(out / MERGEKIT_CONFIG_NAME, run.merge_yaml)
-    if run.results:
-        from pipeline.evaluate import write_results
-
-        write_results(run.results["stages"], out, chance=run.results.get("chance") or {})
-        written += [out / n for n in RESULTS_FILES]
-    for name in run.plots:
-        _copy_replace(run.eval_dir / name, out / name)
-        written.append(out / name)
-    return written
-
-
-def build_release(run_dir: Path | str, out_dir: Path | str | None = None) -> Path:
-    """``<run_dir>/release/`` (or ``out_dir``): the final model + card + merge config + results + plots.
-
-    Written atomically (complete or not at all; an older release there is replaced). Loads with
-    ``AutoModelForCausalLM.from_pretrained``; holds no manifest, logs or pickle.
-    """
-    run = load_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.run_dir / RELEASE_DIR_NAME
-    _check_out_dir(run, out, replacing=True)
-    src = run.model_dir()
-    check_model_files(src)
-    card = _render_card(run)
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        skipped = link_model_files(src, tmp)
-        check_model_files(tmp)
-        write_release_docs(run, tmp, card)
-    left_out = sorted({rel.split("/", 1)[0] + ("/" if "/" in rel else "") for rel, why in skipped if why != "regenerated"})
-    if left_out:
-        log(f"left out of the release: {', '.join(left_out)}")
-    log(f"{out} (the {run.final_stage} model, model card, mergekit config"
-        + (", results" if run.results else "") + ")")
-    return out
-
-
-def regenerate_card(run_dir: Path | str, out_dir: Path | str | None = None) -> list[Path]:
-    """Rewrite the card, merge config, results and plots of a release from the run's manifests
-    (the model files, if any, are left as they are). Returns the files written."""
-    run = load_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.run_dir / RELEASE_DIR_NAME
-    _check_out_dir(run, out, replacing=False)
-    return write_release_docs(run, out)
-
-
 # ------------------------------------------------------------------------------------ the push
 
 
-def _hub_offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE:
-        return True
-    try:
-        from huggingface_hub import is_offline_mode
-
-        return bool(is_offline_mode())
-    except ImportError:  # pragma: no cover
-        return False
-
-
-def check_push_settings(*, repo_id: Optional[str], dry_run: bool, token_env: str = "HF_TOKEN") -> None:
-    """The user errors of a push, found before anything is built or uploaded (also for preflight)."""
-    if not repo_id:
-        raise ConfigError("release.repo_id", "is not set but release.push_to_hub is true",
-                          "set release.repo_id=<user or org>/<name> (or release.push_to_hub=false)")
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ConfigError("release.repo_id", f"{repo_id!r} is not a valid hub repo id ({e})",
-                          "use <user or org>/<name>: letters, digits, '-', '_', '.'") from None
-    if not token_env or token_env.startswith("hf_") or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", token_env):
-        # Never echo the value: it may be a token pasted in the wrong place.
-        raise ConfigError("release.token_env", "must be the name of an environment variable (like HF_TOKEN), "
-                          "not a token", "put the token in the environment and name the variable here")
-    if dry_run:
-        return
-    if _hub_offline():
-        raise ConfigError("release.push_to_hub", "HF_HUB_OFFLINE is set: nothing can be uploaded",
-                          "unset HF_HUB_OFFLINE, or set release.dry_run=true to list what would be uploaded")
-    if not os.environ.get(token_env):
-        raise ConfigError(token_env, "is not set: the hub token is read from this environment variable only",
-                          f"export {token_env} (a token with write access), or set release.dry_run=true")
-
-
-def release_files(release_dir: Path | str) -> list[tuple[str, int]]:
-    """[(path in the repo, size in bytes)] of what an upload sends, after checking the directory is a release."""
-    release_dir = Path(release_dir)
-    if not release_dir.is_dir():
-        raise ConfigError(str(release_dir), "does not exist", "build it first (pipeline.release.build_release)")
-    files = sorted(
-        (str(p.relative_to(release_dir)), p.stat().st_size) for p in release_dir.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(release_dir).parts)
-    )
-    names = {f for f, _ in files}
-    bad = sorted(f for f in names if Path(f).name == "manifest.json" or f.lower().endswith(PICKLE_SUFFIXES)
-                 or f.split("/", 1)[0] in _EXCLUDE_DIRS)
-    if bad:
-        raise ConfigError(str(release_dir), f"holds files a release must not: {bad}",
-                          "push a directory made by build_release, not a stage directory")
-    if CARD_NAME not in names:
-        raise ConfigError(str(release_dir), "has no README.md (model card)", "build it with build_release")
-    check_model_files(release_dir)
-    return files
-
-
-def push_release(release_dir: Path | str, *, repo_id: Optional[str], private: bool = True, dry_run: bool = False,
-                 token_env: str = "HF_TOKEN", commit_message: Optional[str] = None) -> list[str]:
-    """Upload ``release_dir`` to the hub model repo ``repo_id`` (created if missing; ``private``
-    applies to a new repo). Returns the files (paths in the repo) uploaded, or that would be.
-
-    ``dry_run``: print the repo id and the files with their sizes; no network, no token needed.
-    The token comes from the environment variable ``token_env`` and goes to the hub client only.
-    """
-    check_push_settings(repo_id=repo_id, dry_run=dry_run, token_env=token_env)
-    files = release_files(release_dir)
-    total = sum(size for _, size in files)
-    verb = "would upload" if dry_run else "uploading"
-    log(f"{verb} {len(files)} files ({_size(total)}) to https://huggingface.co/{repo_id} "
-        f"({'private' if private else 'public'} if created)")
-    for rel, size in files:
-        print(f"  {rel}  {_size(size)}", flush=True)
-    if dry_run:
-        if not os.environ.get(token_env):
-            log(f"dry run: {token_env} is not set; a real push needs it")
-        return [rel for rel, _ in files]
-
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = HfApi(token=os.environ[token_env])
-    try:
-        url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-        api.upload_folder(repo_id=url.repo_id, folder_path=str(release_dir), repo_type="model",
-                          commit_message=commit_message or f"Upload {Path(release_dir).name} (dus-pipeline)",
-                          ignore_patterns=[".*", "*/.*"])
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise ConfigError(token_env, f"the hub refused the token for {repo_id} (HTTP {status})",
-                              "use a token with write access to that user or organisation") from None
-        raise
-    log(f"pushed to {url}")
-    return [rel for rel, _ in files]
-
-
-def run_release(cfg) -> Optional[Path]:
-    """The driver's release step (``cfg``: PipelineConfig with a ``release`` section): build
-    ``<run_dir>/release``, then push it when ``release.push_to_hub``. None when disabled."""
-    rc = cfg.release
-    if not rc.enabled:
-        return None
-    if rc.push_to_hub:
-        check_push_settings(repo_id=rc.repo_id, dry_run=rc.dry_run, token_env=rc.token_env)
-    out = build_release(Path(cfg.paths.run_dir))
-    if rc.push_to_hub:
-        push_release(out, repo_id=rc.repo_id, private=rc.private, dry_run=rc.dry_run, token_env=rc.token_env)
-    return out

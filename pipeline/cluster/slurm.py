@@ -17,19 +17,23 @@ are written by every rank). Nothing here needs Hydra.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from pipeline.config import TRAINING_STAGES, DistributedConfig, PipelineConfig
+from pipeline.config import DistributedConfig, PipelineConfig
+from pipeline.driver import join_training_stage
+from pipeline.manifest import read_manifest, stage_dir
+from pipeline.stages import get_stage, selected_stages
+from pipeline.stages.stage import TrainingStage
+from pipeline.training.launch import RESOLVED_CONFIG
+from pipeline.log import log
 from pipeline.errors import ConfigError, StageFailed
 
 # Written by the leader when its driver fails, so followers stop waiting for inputs that will not come.
@@ -37,10 +41,6 @@ LEADER_FAILED = "leader_failed.json"
 # How long a follower waits for the leader to finish a stage's input (base + merge of a 7B model
 # takes minutes; the wait for the next stage's input after training is seconds).
 FOLLOWER_TIMEOUT_S = float(os.environ.get("DUS_FOLLOWER_TIMEOUT_S", 4 * 3600))
-
-
-def log(msg: str) -> None:
-    print(f"[dus] {msg}", flush=True)
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
@@ -151,18 +151,16 @@ def _wait(what: str, ready: Callable[[], bool], cfg: PipelineConfig, since: floa
 
 def run_follower(cfg: PipelineConfig, *, timeout_s: float = FOLLOWER_TIMEOUT_S) -> dict:
     """A follower node's part of the pipeline: join each selected training stage (see module doc)."""
-    from pipeline.driver import RESOLVED_CONFIG, launch_training_stage, selected_stages
-    from pipeline.manifest import read_manifest, stage_dir
-
     since = time.time()
-    stages = selected_stages(cfg)
-    log(f"machine_rank {cfg.distributed.machine_rank}: following the leader for {[s for s in stages if s in TRAINING_STAGES]}")
+    stages = [s.name for s in selected_stages(cfg)]
+    trained = [s for s in stages if isinstance(get_stage(s), TrainingStage)]
+    log(f"machine_rank {cfg.distributed.machine_rank}: following the leader for {trained}")
     for i, stage in enumerate(stages):
-        if stage not in TRAINING_STAGES:
+        if stage not in trained:
             continue
         # The stage's input is the model of the stage right before it in this run; waiting for
         # "any" earlier stage would start training from base while the leader is still merging.
-        before = [s for s in stages[:i] if s in ("base", "merge", *TRAINING_STAGES)]
+        before = [s for s in stages[:i] if s in ("base", "merge", *trained)]
         needs = [RESOLVED_CONFIG] + ([before[-1]] if before else [])
 
         def ready() -> bool:
@@ -171,41 +169,8 @@ def run_follower(cfg: PipelineConfig, *, timeout_s: float = FOLLOWER_TIMEOUT_S) 
             return not before or read_manifest(stage_dir(cfg.paths.run_dir, before[-1])) is not None
 
         _wait(f"{stage}'s input ({', '.join(needs)})", ready, cfg, since, timeout_s)
-        # The leader's rank 0 writes the manifest after the launcher returns (export, verification).
-        launch_training_stage(cfg, stage, wait_for_manifest_s=timeout_s)
+        # The leader's driver writes the manifest after every node's ranks have finished.
+        join_training_stage(cfg, stage, wait_for_manifest_s=timeout_s)
     return {}
 
 
-@contextlib.contextmanager
-def forward_stop_signals(proc: subprocess.Popen):
-    """While ``proc`` (the stage's ``accelerate launch``) runs, stop it for a checkpoint on:
-
-    - SIGTERM (SLURM's scancel, preemption, time limit): forwarded; the ranks save and exit, and
-      the driver reports the stage as interrupted.
-    - SIGUSR2, submitit's "time limit / preemption in signal_delay_s" signal: forwarded as SIGTERM,
-      and only once the ranks have saved and exited is the signal handed to the handler that was
-      there before (submitit's: pickle the job and requeue it). Without this, submitit requeues
-      at once and the ranks get SLURM's SIGTERM with only KillWait (often 30 s) to save.
-    """
-    usr2: list[int] = []
-
-    def on_usr2(signum, frame):
-        usr2.append(signum)
-        proc.send_signal(signal.SIGTERM)
-
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM)),
-                signal.SIGUSR2: signal.signal(signal.SIGUSR2, on_usr2)}
-    try:
-        yield
-        if usr2 and proc.poll() is None:
-            proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if usr2:
-        before = previous[signal.SIGUSR2]
-        log("SIGUSR2: the training stage has stopped at a checkpoint; handing the signal on")
-        if callable(before):
-            before(signal.SIGUSR2, None)  # submitit: requeue (it exits this process)
-        elif before == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGUSR2)  # what USR2 would have done: terminate

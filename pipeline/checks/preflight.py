@@ -9,159 +9,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import STAGES, PipelineConfig
+from pipeline.config import PipelineConfig
+from pipeline.log import log
 from pipeline.errors import ConfigError
+from pipeline.stages import get_stage, selected_stages
 
 
 class PreflightFailed(ConfigError):
+    """Several problems at once (one ConfigError each)."""
+
     def __init__(self, problems: list[ConfigError]):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__("preflight", f"{len(problems)} problem(s) found before starting:\n{lines}")
 
 
-def _check_files(files: list[str], *, field: str, column: str, column_field: str, txt_ok: bool, what: str) -> None:
-    """Each file exists (or is a reachable hub dataset), is not empty, and has ``column``."""
-    from pipeline.data import check_data_file, is_hub_dataset_name, read_rows, require_hub_access
-
-    if not files:
-        raise ConfigError(field, "is empty", f"list the {what}")
-    for name in files:
-        if is_hub_dataset_name(name):
-            require_hub_access(name, field=field)
-            continue
-        path = check_data_file(name, field=field)
-        if path.suffix == ".txt":
-            if not txt_ok:
-                raise ConfigError(field, f"{name} is a .txt file", f"give .jsonl/.json/.parquet rows with a '{column}' column")
-            if path.stat().st_size == 0:
-                raise ConfigError(field, f"{name} is empty")
-            continue
-        row = next(read_rows(path, field=field), None)
-        if row is None:
-            raise ConfigError(field, f"{name} has no rows")
-        if column not in row:
-            raise ConfigError(column_field, f"'{column}' is not a column of {name} (columns: {sorted(row)})",
-                              f"set {column_field} to the right column, or convert the data")
-
-
-def first_sft_rows(cfg: PipelineConfig) -> list[tuple[str, dict]]:
-    """(file, first row) of each local sft file (hub datasets are checked for access only)."""
-    from pipeline.data import check_data_file, is_hub_dataset_name, read_rows, require_hub_access
-
-    out = []
-    for name in cfg.data.sft_files:
-        if is_hub_dataset_name(name):
-            require_hub_access(name, field="data.sft_files")
-            continue
-        path = check_data_file(name, field="data.sft_files")
-        if path.suffix == ".txt":
-            raise ConfigError("data.sft_files", f"{name} is a .txt file",
-                              "give .jsonl/.json/.parquet rows: chat messages, ShareGPT, alpaca or prompt/completion")
-        row = next(read_rows(path, field="data.sft_files"), None)
-        if row is None:
-            raise ConfigError("data.sft_files", f"{name} has no rows", "give a file with at least one conversation")
-        out.append((name, row))
-    return out
-
-
-def check_sft_files(cfg: PipelineConfig) -> None:
-    """Each sft file's first row converts to a conversation in its (detected) format."""
-    from pipeline.data import sft_row_messages
-
-    if not cfg.data.sft_files:
-        raise ConfigError("data.sft_files", "is empty", "list the conversation files for sft")
-    for name, row in first_sft_rows(cfg):
-        sft_row_messages(row, fmt=cfg.data.sft_format, messages_column=cfg.data.messages_column,
-                         where=f"data.sft_files ({name}) row 0")
-
-
-def check_sft_sample_formatting(cfg: PipelineConfig, tokenizer, source: str) -> None:
-    """A sample row through the real formatting: the chat template applied and, with assistant-only
-    loss, assistant tokens found (a template whose markers wrap nothing trains on nothing)."""
-    from pipeline.data import sft_row_messages
-
-    for name, row in first_sft_rows(cfg):
-        msgs = sft_row_messages(row, fmt=cfg.data.sft_format, messages_column=cfg.data.messages_column,
-                                where=f"data.sft_files ({name}) row 0")
-        try:
-            enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=cfg.sft.assistant_only_loss)
-        except Exception as e:  # noqa: BLE001 - jinja/template errors come in many types; the user needs the cause
-            raise ConfigError(f"tokenizer of {source}", f"its chat template fails on {name} row 0 ({type(e).__name__}: {e})",
-                              "fix the template or the data's roles") from None
-        if cfg.sft.assistant_only_loss and not any(enc["assistant_masks"]):
-            raise ConfigError("sft.assistant_only_loss",
-                              f"the chat template of {source} marks no assistant token in {name} row 0",
-                              "put {% generation %} ... {% endgeneration %} around the assistant content")
-
-
-def check_cpt_mixture(cfg: PipelineConfig) -> None:
-    """Weights match the files; streaming has a step count."""
-    from pipeline.cpt_data import cpt_sources
-
-    cpt_sources(cfg)
-    if cfg.data.streaming and cfg.cpt.max_steps <= 0:
-        raise ConfigError("cpt.max_steps", "must be > 0 with data.streaming=true (a stream has no length to count epochs in)",
-                          "set cpt.max_steps to the number of optimizer steps to train")
-
-
-def check_data(cfg: PipelineConfig, stages: list[str]) -> None:
-    if "cpt" in stages or "eval" in stages:
-        _check_files(list(cfg.data.cpt_files), field="data.cpt_files", column=cfg.data.text_column,
-                     column_field="data.text_column", txt_ok=True, what="raw-text files for continued pretraining")
-    if "sft" in stages or "eval" in stages:
-        check_sft_files(cfg)
-    if "cpt" in stages and cfg.cpt.enabled:
-        check_cpt_mixture(cfg)
+def check_data_settings(cfg: PipelineConfig, stages: list[str]) -> None:
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError("data.heldout_fraction", f"must be in [0, 1), got {cfg.data.heldout_fraction}")
 
 
-def check_base_and_merge(cfg: PipelineConfig, stages: list[str]) -> None:
-    """The base model exists and the slices fit it (for the demo: against the configured depth,
-    since the model is built later)."""
-    if cfg.model.demo is not None:
-        from pipeline.demo import validate_demo_config
-
-        validate_demo_config(cfg.model.demo, cfg.data.heldout_fraction)
-        if "merge" in stages and not cfg.merge.config_file and cfg.merge.merge_method == "passthrough":
-            depth = cfg.model.demo.num_hidden_layers
-            for i, s in enumerate(cfg.merge.slices):
-                for j, src in enumerate(s.sources):
-                    lo, hi = (list(src.layer_range) + [None, None])[:2]
-                    if lo is None or hi is None or not (0 <= lo < hi <= depth):
-                        raise ConfigError(
-                            f"merge.slices[{i}].sources[{j}].layer_range",
-                            f"{list(src.layer_range)} is not a non-empty [start, end) range inside the base model's {depth} layers",
-                            f"use 0 <= start < end <= {depth}",
-                        )
-        return
-    src = cfg.model.name_or_path
-    looks_local = src.startswith((".", "/", "~")) or Path(src).exists()
-    if looks_local and not Path(src).is_dir():
-        raise ConfigError("model.name_or_path", f"model directory {src} does not exist", "fix the path")
-    if looks_local and not (Path(src) / "config.json").is_file():
-        raise ConfigError("model.name_or_path", f"{src} has no config.json: not a Hugging Face model directory")
-    if "merge" in stages:
-        from pipeline.driver import resolved_merge_config
-        from pipeline.merge import validate_merge
-
-        validate_merge(resolved_merge_config(cfg, src), base_model=src, allow_pickle=cfg.model.allow_pickle)
-    if "sft" in stages and cfg.sft.enabled and looks_local:
-        from transformers import AutoTokenizer
-
-        from pipeline.sft import check_chat_template
-
-        tok_src = cfg.merge.tokenizer_source or src
-        if Path(tok_src).is_dir():
-            tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=cfg.model.trust_remote_code)
-            check_chat_template(tok, assistant_only_loss=cfg.sft.assistant_only_loss, source=tok_src)
-            check_sft_sample_formatting(cfg, tok, tok_src)
+def check_stages(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Each selected stage's own checks (pipeline/stages/*.py), and always the base model's: every
+    stage's input comes from it. Every problem is collected."""
+    problems: list[ConfigError] = []
+    for stage in [get_stage("base"), *(s for s in selected_stages(cfg) if s.name != "base")]:
+        try:
+            stage.check(cfg, stages)
+        except PreflightFailed as e:
+            problems.extend(e.problems)
+        except ConfigError as e:
+            problems.append(e)
+    if problems:
+        raise PreflightFailed(problems)
 
 
 def check_distributed(cfg: PipelineConfig, stages: list[str]) -> None:
-    from pipeline.distributed import validate_distributed
+    from pipeline.training.distributed import validate_distributed
 
     if any(s in stages for s in ("cpt", "sft")) and cfg.distributed.launcher == "accelerate":
         validate_distributed(cfg.distributed, cfg.paths.conf_dir)
@@ -169,33 +53,11 @@ def check_distributed(cfg: PipelineConfig, stages: list[str]) -> None:
         raise ConfigError("distributed.launcher", f"unknown launcher '{cfg.distributed.launcher}'", "use accelerate or inprocess")
 
 
-def check_eval(cfg: PipelineConfig, stages: list[str]) -> None:
-    bad = [s for s in cfg.eval.stages if s not in STAGES or s == "eval"]
-    if bad:
-        raise ConfigError("eval.stages", f"unknown stage(s) {bad}", "use base, merge, cpt, sft")
-    if "eval" in stages and cfg.eval.enabled and cfg.eval.use_harness and cfg.eval.harness_tasks:
-        from pipeline.evaluate import check_tasks_available
-
-        # Offline without the datasets cached (e.g. eval=leaderboard), fail now, not after training.
-        check_tasks_available(list(cfg.eval.harness_tasks), include_path=cfg.eval.harness_include_path)
-
-
-def check_release(cfg: PipelineConfig, stages: list[str]) -> None:
-    if "eval" in stages and cfg.release.enabled and cfg.release.push_to_hub:
-        from pipeline.release import check_push_settings
-
-        check_push_settings(repo_id=cfg.release.repo_id, dry_run=cfg.release.dry_run, token_env=cfg.release.token_env)
-
-
-CHECKS: list[Callable[[PipelineConfig, list[str]], None]] = [
-    check_data, check_base_and_merge, check_distributed, check_eval, check_release,
-]
+CHECKS: list[Callable[[PipelineConfig, list[str]], None]] = [check_data_settings, check_stages, check_distributed]
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    from pipeline.driver import selected_stages
-
-    stages = selected_stages(cfg)
+    stages = [s.name for s in selected_stages(cfg)]
     problems: list[ConfigError] = []
     # The disk and pickle checks are defined below (kept apart from the data checks above).
     for check in [*CHECKS, check_pickle_only_base, check_context_length, check_batch_arithmetic, check_disk_space]:
@@ -249,7 +111,7 @@ def check_context_length(cfg: PipelineConfig, stages: list[str]) -> None:
 def check_batch_arithmetic(cfg: PipelineConfig, stages: list[str]) -> None:
     """Batch sizes fixed in the DeepSpeed config must equal the Trainer's: DeepSpeed asserts
     train_batch_size == micro batch x accumulation x world size only once the processes are up."""
-    from pipeline.distributed import load_deepspeed_config
+    from pipeline.training.distributed import load_deepspeed_config
 
     dist = cfg.distributed
     if dist.launcher != "accelerate" or not any(s in stages for s in ("cpt", "sft")):
@@ -297,7 +159,7 @@ def _base_shape(cfg: PipelineConfig):
     not in the local cache: the model checks report that)."""
     import json
 
-    from pipeline.resources import shape_from_config, shape_from_demo
+    from pipeline.checks.estimates import shape_from_config, shape_from_demo
 
     if cfg.model.demo is not None:
         return shape_from_demo(cfg.model.demo), 4  # built and saved in fp32 (pipeline/demo.py)
@@ -330,9 +192,9 @@ def estimate_run(cfg: PipelineConfig, stages: list[str]):
     """Disk, memory and time figures for this run, or None when the base model's shape is unknown."""
     import dataclasses
 
-    from pipeline.distributed import load_deepspeed_config
-    from pipeline.resources import RunEstimate, estimate_stage, local_data_bytes, shape_from_config
-    from pipeline.resources import ASSUMED_BYTES_PER_TOKEN
+    from pipeline.training.distributed import load_deepspeed_config
+    from pipeline.checks.estimates import RunEstimate, estimate_stage, local_data_bytes, shape_from_config
+    from pipeline.checks.estimates import ASSUMED_BYTES_PER_TOKEN
 
     base = _base_shape(cfg)
     if base is None:
@@ -342,7 +204,7 @@ def estimate_run(cfg: PipelineConfig, stages: list[str]):
     if "merge" in stages and cfg.model.demo is None:
         # The exact figures, from the plan the merge itself will follow (safetensors headers only).
         try:
-            from pipeline.driver import resolved_merge_config
+            from pipeline.stages.merge import resolved_merge_config
             from pipeline.merge import validate_merge
 
             plan = validate_merge(resolved_merge_config(cfg, cfg.model.name_or_path), base_model=cfg.model.name_or_path,
@@ -406,7 +268,7 @@ def estimate_run(cfg: PipelineConfig, stages: list[str]):
 
 
 def _bf16(requested) -> bool:
-    from pipeline.train import use_bf16
+    from pipeline.training.model import use_bf16
 
     try:
         return use_bf16(requested)
@@ -415,7 +277,7 @@ def _bf16(requested) -> bool:
 
 
 def _peak() -> tuple:
-    from pipeline.train import device_peak_flops
+    from pipeline.training.callbacks import device_peak_flops
 
     return device_peak_flops()
 
@@ -457,7 +319,7 @@ def check_disk_space(cfg: PipelineConfig, stages: list[str]) -> None:
     import os
     import shutil
 
-    from pipeline.resources import fmt_bytes
+    from pipeline.fsutil import fmt_bytes
 
     for fieldname, path in (("paths.output_root", Path(cfg.paths.run_dir)), ("paths.cache_dir", Path(cfg.paths.cache_dir))):
         anc = _existing_ancestor(path)
@@ -493,12 +355,12 @@ def check_disk_space(cfg: PipelineConfig, stages: list[str]) -> None:
 
 def print_estimates(cfg: PipelineConfig, stages: list[str]) -> None:
     """Print the estimates before anything runs. A failure here never stops a run: they are advice."""
-    from pipeline.resources import format_estimates
+    from pipeline.checks.estimates import format_estimates
 
     try:
         est = estimate_run(cfg, stages)
     except Exception as e:  # noqa: BLE001 - an estimate must not block a run the checks passed
-        print(f"[dus] estimates unavailable ({type(e).__name__}: {e})", flush=True)
+        log(f"estimates unavailable ({type(e).__name__}: {e})")
         return
     if est is not None:
         print(format_estimates(est), flush=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from pipeline.log import log
 from pipeline.fsutil import atomic_write_json, atomic_write_text, file_lock
 
 JOBS_DIR = ".jobs"
@@ -179,7 +180,7 @@ class SweepSummaryCallback(Callback):
                       error=None if ok else error_line(value),
                       metrics=run_metrics(record["run_dir"]))
         write_job_record(sweep_dir, record)
-        print(f"[dus] sweep job {record['num']} {record['status']}; summary: {sweep_dir / SUMMARY_MD}", flush=True)
+        log(f"sweep job {record['num']} {record['status']}; summary: {sweep_dir / SUMMARY_MD}")
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         # Runs only when no job failed (see module doc); the summary is already current then, this
@@ -187,4 +188,4 @@ class SweepSummaryCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if (sweep_dir / JOBS_DIR).is_dir():
             md, _ = write_summary(sweep_dir)
-            print(f"[dus] sweep summary: {md}", flush=True)
+            log(f"sweep summary: {md}")

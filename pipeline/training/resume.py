@@ -227,7 +227,7 @@ def to_universal(checkpoint: Path, *, log: Callable[[str], None]) -> Path:
     tmp = checkpoint / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    from pipeline.distributed import clean_child_env
+    from pipeline.training.distributed import clean_child_env
 
     t0 = time.time()
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint / tag),

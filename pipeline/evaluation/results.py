@@ -1,0 +1,155 @@
+"""The results table: ``results.json`` and ``results.md`` with one row per stage.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Mapping
+
+
+from pipeline.config import STAGES
+from pipeline.fsutil import atomic_write_json, atomic_write_text
+from pipeline.evaluation.metrics import HELDOUT, SFT_HELDOUT, AVERAGE_KEY, RESULTS_JSON, RESULTS_MD
+
+
+def stage_order(stages: Iterable[str]) -> list[str]:
+    stages = list(stages)
+    known = [s for s in STAGES if s in stages]
+    return known + [s for s in stages if s not in known]
+
+
+COLUMN_LABELS = {
+    f"{HELDOUT}/perplexity": "held-out ppl",
+    f"{SFT_HELDOUT}/loss": "assistant-token loss",
+    AVERAGE_KEY: "harness average",
+}
+
+
+# Shown elsewhere (stderr next to its metric) or redundant (loss = ln ppl).
+_NOT_COLUMNS = {f"{HELDOUT}/loss", f"{SFT_HELDOUT}/perplexity"}
+
+
+_COUNT_SUFFIXES = ("/tokens", "/examples", "/skipped")
+
+
+def metric_columns(results: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The metrics worth a column or a panel: held-out ppl, assistant loss, then harness metrics."""
+    seen: list[str] = []
+    for stage in stage_order(results):
+        for key in results[stage]:
+            if key in seen or key in _NOT_COLUMNS or key.endswith(_COUNT_SUFFIXES) or key.endswith("_stderr"):
+                continue
+            seen.append(key)
+    first = [k for k in COLUMN_LABELS if k in seen and k != AVERAGE_KEY]
+    last = [AVERAGE_KEY] if AVERAGE_KEY in seen else []
+    return first + [k for k in seen if k not in first and k not in last] + last
+
+
+def stderr_key(key: str) -> str:
+    task, _, metric = key.partition("/")
+    name, comma, filt = metric.partition(",")
+    return f"{task}/{name}_stderr{comma}{filt}"
+
+
+def format_metric(key: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if math.isinf(value):
+        return "inf"
+    if "perplexity" in key:
+        return f"{value:,.2f}" if value < 1e6 else f"{value:.3g}"
+    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3f}"
+
+
+def summarize(results: Mapping[str, Mapping[str, float]], *, chance: Mapping[str, float] | None = None) -> list[str]:
+    """Sentences on what the numbers show, computed from them."""
+    order = stage_order(results)
+    lines: list[str] = []
+
+    def series(key: str) -> dict[str, float]:
+        return {s: results[s][key] for s in order if results[s].get(key) is not None}
+
+    ppl_key = f"{HELDOUT}/perplexity"
+    ppl = series(ppl_key)
+    if len(ppl) >= 2:
+        lines.append("Held-out perplexity by stage: " + " → ".join(f"{s} {format_metric(ppl_key, v)}" for s, v in ppl.items()) + ".")
+    if "base" in ppl and "merge" in ppl:
+        b, m = ppl["base"], ppl["merge"]
+        verb = "raised" if m > b else "lowered" if m < b else "left unchanged"
+        text = f"merge {verb} held-out perplexity from {format_metric(ppl_key, b)} (base) to {format_metric(ppl_key, m)}"
+        if "cpt" in ppl:
+            c = ppl["cpt"]
+            rel = "below" if c < b else "above" if c > b else "equal to"
+            change = f"{abs(1 - c / m) * 100:.0f}% {'below' if c < m else 'above'} merge"
+            text += f"; cpt brought it to {format_metric(ppl_key, c)} ({change}, {rel} the base's {format_metric(ppl_key, b)})"
+        lines.append(text + ".")
+    loss_key = f"{SFT_HELDOUT}/loss"
+    loss = series(loss_key)
+    if "sft" in loss:
+        before = [s for s in loss if order.index(s) < order.index("sft")]
+        if before:
+            prev = before[-1]
+            verb = "lowered" if loss["sft"] < loss[prev] else "raised" if loss["sft"] > loss[prev] else "left unchanged"
+            lines.append(f"sft {verb} the assistant-token loss on held-out conversations from "
+                         f"{loss[prev]:.4f} ({prev}) to {loss['sft']:.4f}.")
+    for key, level in (chance or {}).items():
+        vals = series(key)
+        if not vals:
+            continue
+        best = max(vals, key=vals.get)
+        se = results[best].get(stderr_key(key))
+        above = se is not None and vals[best] - 2 * se > level
+        err = f" ± {se:.3f}" if se is not None else ""
+        lines.append(
+            f"{key}: best stage {best} at {vals[best]:.3f}{err} vs chance {level:.3f} "
+            f"({'more than 2 standard errors above chance' if above else 'not distinguishable from chance'})."
+        )
+    avg = series(AVERAGE_KEY)
+    if avg:
+        lines.append("Harness average by stage: " + " → ".join(f"{s} {v:.3f}" for s, v in avg.items()) + ".")
+    return lines
+
+
+def results_markdown(results: Mapping[str, Mapping[str, float]], *, chance: Mapping[str, float] | None = None) -> str:
+    columns = metric_columns(results)
+    header = ["stage"] + [COLUMN_LABELS.get(c, c) for c in columns]
+    lines = ["# Evaluation", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for stage in stage_order(results):
+        row = [stage]
+        for col in columns:
+            value = results[stage].get(col)
+            cell = format_metric(col, value)
+            se = results[stage].get(stderr_key(col))
+            if value is not None and se is not None:
+                cell += f" ± {format_metric(col, se)}"
+            row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    notes = summarize(results, chance=chance)
+    if notes:
+        lines += [*notes, ""]
+    lines.append(
+        "held-out ppl: per-token perplexity of the held-out corpus records (non-overlapping windows of "
+        "eval.seq_len tokens); assistant-token loss: mean NLL (nats) on assistant tokens of held-out "
+        "conversations; `task/metric`: lm-evaluation-harness (± standard error)."
+        + "".join(f" Chance for {k}: {v:.3f}." for k, v in (chance or {}).items())
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    results: Mapping[str, Mapping[str, float]], out_dir: Path | str, *, chance: Mapping[str, float] | None = None
+) -> None:
+    """``results.json`` (``{"stages": {stage: metrics}, "chance": ..., "summary": [...]}``) and
+    ``results.md`` (one row per stage, one column per metric, plus what the numbers show).
+
+    ``chance``: metric key -> chance level (e.g. ``{"dus_mc/acc": mc_chance_accuracy()}``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = {s: dict(results[s]) for s in stage_order(results)}
+    atomic_write_json(out_dir / RESULTS_JSON, {
+        "stages": ordered, "chance": dict(chance or {}), "summary": summarize(ordered, chance=chance),
+    })
+    atomic_write_text(out_dir / RESULTS_MD, results_markdown(ordered, chance=chance))

@@ -1,0 +1,125 @@
+"""The eval stage: every earlier stage's model on the same held-out data, one table and two plots.
+
+Writes ``<run_dir>/NN_eval/`` with ``results.json``, ``results.md``, ``training.png`` (loss across
+cpt and sft with each stage's held-out perplexity) and ``tasks.png`` (per metric, one bar per stage). The metrics are
+``pipeline.evaluation``'s; config group ``conf/eval/``; tests: tests/test_evaluate.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from pipeline import metric_names as M
+
+from pipeline.config import PipelineConfig
+from pipeline.data import conversation_key, is_heldout, iter_text_records, load_conversations, split_records
+from pipeline.log import log
+from pipeline.config import STAGES, TRAINING_STAGES
+from pipeline.data import check_data_files
+from pipeline.errors import ConfigError
+from pipeline.evaluation.harness import check_tasks_available, mc_chance_accuracy, run_lm_eval, write_text_jsonl
+from pipeline.evaluation.metrics import evaluate_model
+from pipeline.evaluation.plots import plot_tasks, plot_training, read_log_history
+from pipeline.evaluation.results import write_results
+from pipeline.manifest import Manifest, StageInput, read_manifest, resolve_model_dir, stage_dir
+from pipeline.stages.sft import check_sft_files
+from pipeline.stages.stage import BaseStage, StageOutput
+
+
+def stage_models(cfg: PipelineConfig) -> dict[str, tuple[str, Manifest]]:
+    """{stage: (model dir, manifest)} for the stages to evaluate that have completed."""
+    out = {}
+    for stage in cfg.eval.stages:
+        manifest = read_manifest(stage_dir(cfg.paths.run_dir, stage))
+        if manifest is not None and manifest.model_dir:
+            out[stage] = (resolve_model_dir(cfg.paths.run_dir, stage, manifest), manifest)
+    return out
+
+
+def evaluate_stages(cfg: PipelineConfig, out_dir: Path) -> dict:
+    """Score every completed stage's model; write results.json/md and the plots into ``out_dir``."""
+    models = stage_models(cfg)
+    # Only the held-out records are kept: the corpus itself may be far larger than memory.
+    heldout_texts = [
+        r for name in cfg.data.cpt_files
+        for r in iter_text_records(name, text_column=cfg.data.text_column,
+                                   txt_document_separator=cfg.data.txt_document_separator,
+                                   max_record_chars=cfg.data.max_record_chars)
+        if is_heldout(r, cfg.data.heldout_fraction)
+    ]
+    conversations = load_conversations(list(cfg.data.sft_files), messages_column=cfg.data.messages_column,
+                                       sft_format=cfg.data.sft_format)
+    heldout_convs = split_records(conversations, cfg.data.heldout_fraction, conversation_key).heldout
+    # Every stage's conversations are rendered with the final chat template, so the token
+    # sequences (and losses) are comparable across stages.
+    chat_tok = models["sft"][0] if "sft" in models else next(iter(models.values()))[0]
+
+    harness = cfg.eval.use_harness and bool(cfg.eval.harness_tasks)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        data_files = {"dus_mc": cfg.eval.harness_mc_file,
+                      "dus_corpus_ppl": str(write_text_jsonl(heldout_texts, Path(scratch) / "heldout_corpus.jsonl"))}
+        for stage, (model_dir, _) in models.items():
+            log(f"{stage} ({model_dir})", where="eval")
+            results[stage] = evaluate_model(
+                model_dir, heldout_texts=heldout_texts, heldout_conversations=heldout_convs,
+                seq_len=cfg.eval.seq_len, batch_size=cfg.eval.batch_size, max_heldout_tokens=cfg.eval.max_heldout_tokens,
+                max_length=cfg.sft.max_length, max_sft_examples=cfg.eval.max_sft_heldout_examples,
+                chat_tokenizer_dir=chat_tok, trust_remote_code=cfg.model.trust_remote_code,
+            )
+            if harness:
+                results[stage].update(run_lm_eval(
+                    model_dir, tasks=list(cfg.eval.harness_tasks), include_path=cfg.eval.harness_include_path,
+                    batch_size=cfg.eval.harness_batch_size or cfg.eval.batch_size, device=cfg.eval.harness_device,
+                    num_fewshot=dict(cfg.eval.harness_num_fewshot) or None, limit=cfg.eval.harness_limit,
+                    data_files=data_files, average=dict(cfg.eval.harness_average) or None,
+                    # Rolling perplexity windows of the length the models were trained and scored at
+                    # (lm-eval's default is the model's whole context, beyond what a small run trained).
+                    model_args={"trust_remote_code": cfg.model.trust_remote_code, "max_length": cfg.eval.seq_len},
+                ))
+    chance = {}
+    if harness and "dus_mc" in cfg.eval.harness_tasks:
+        c = mc_chance_accuracy(cfg.eval.harness_mc_file)
+        chance = {"dus_mc/acc": c, "dus_mc/acc_norm": c}
+    write_results(results, out_dir, chance=chance)
+    logs = {s: read_log_history(stage_dir(cfg.paths.run_dir, s)) for s in TRAINING_STAGES if s in models}
+    ppl = {s: r[M.HELDOUT_PERPLEXITY] for s, r in results.items() if M.HELDOUT_PERPLEXITY in r}
+    plot_training(logs, ppl, out_dir / "training.png")
+    plot_tasks(results, out_dir / "tasks.png", chance=chance)
+    return results
+
+
+def objective(results: dict) -> float | None:
+    """What a sweep minimises: the held-out perplexity of the last evaluated stage."""
+    last = [s for s in reversed(STAGES) if s in results]
+    return results[last[0]].get(M.HELDOUT_PERPLEXITY) if last else None
+
+
+class EvalStage(BaseStage):
+    name = "eval"
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return cfg.eval.enabled
+
+    def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
+        bad = [s for s in cfg.eval.stages if s not in STAGES or s == "eval"]
+        if bad:
+            raise ConfigError("eval.stages", f"unknown stage(s) {bad}", "use base, merge, cpt, sft")
+        check_data_files(list(cfg.data.cpt_files), field="data.cpt_files", column=cfg.data.text_column,
+                         column_field="data.text_column", txt_ok=True, what="raw-text files for continued pretraining")
+        check_sft_files(cfg)
+        if cfg.eval.use_harness and cfg.eval.harness_tasks:
+            # Offline without the datasets cached (e.g. eval=leaderboard), fail now, not after training.
+            check_tasks_available(list(cfg.eval.harness_tasks), include_path=cfg.eval.harness_include_path)
+
+    def inputs(self, cfg: PipelineConfig) -> list[StageInput]:
+        return [StageInput(role="model", stage=s, path=d, sha256=m.key) for s, (d, m) in stage_models(cfg).items()]
+
+    def key_config(self, cfg: PipelineConfig) -> dict:
+        return {"eval": asdict(cfg.eval), "data": asdict(cfg.data)}
+
+    def run(self, cfg: PipelineConfig, *, inputs: list[StageInput], out_dir: Path) -> StageOutput:
+        return StageOutput(metrics=evaluate_stages(cfg, out_dir), model_dir=None)

@@ -1,0 +1,114 @@
+"""Trainer callbacks and helpers every training stage adds: data fingerprints per rank, throughput
+and MFU in the logs, and SIGTERM -> checkpoint on every rank at the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+
+import torch
+from transformers import TrainerCallback
+
+
+# Dense bf16 peak FLOP/s per device, for MFU. Source: vendor datasheets (SXM parts, no sparsity).
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+}
+
+
+def device_peak_flops() -> tuple[float | None, str]:
+    if not torch.cuda.is_available():
+        return None, "cpu (no published peak: MFU not reported)"
+    name = torch.cuda.get_device_name()
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops, f"{name}: {flops / 1e12:.0f} TFLOP/s dense bf16"
+    return None, f"{name}: unknown peak (MFU not reported)"
+
+
+def training_flops_per_token(config, n_params: int, seq_len: int) -> float:
+    """6·N per token for the matmuls (forward + backward) plus causal attention scores:
+    12 · layers · hidden · seq_len / 2 (PaLM appendix B, halved for the causal mask)."""
+    layers = getattr(config, "num_hidden_layers", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    return 6 * n_params + 6 * layers * hidden * seq_len
+
+
+class RecordingCollator:
+    """Wraps a data collator and remembers a fingerprint of every example this rank trained on
+    (the first ones), to prove that ranks are distinct and see different data."""
+
+    def __init__(self, collate, keep_first: int = 64):
+        self.collate, self.keep_first = collate, keep_first
+        self.served: list[str] = []
+
+    def __call__(self, examples):
+        for ex in examples:
+            if len(self.served) < self.keep_first:
+                ids = ex["input_ids"]
+                ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+                self.served.append(hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:16])
+        return self.collate(examples)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds tokens/s per device and MFU to the Trainer's logs."""
+
+    def __init__(self, *, tokens_per_device_step: int, flops_per_token: float, world_size: int):
+        self.tokens_per_device_step, self.flops_per_token, self.world_size = tokens_per_device_step, flops_per_token, world_size
+        self.peak, self.peak_note = device_peak_flops()
+        self.t0, self.step0, self.tokens0 = None, 0, 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.step0, self.tokens0 = time.perf_counter(), state.global_step, state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is None or self.t0 is None or state.global_step <= self.step0:
+            return
+        now = time.perf_counter()
+        # Real (non-padding) tokens counted by the Trainer over all ranks; else the nominal count.
+        seen = state.num_input_tokens_seen - self.tokens0
+        per_device = seen / self.world_size if seen > 0 else (state.global_step - self.step0) * self.tokens_per_device_step
+        tok_s = per_device / (now - self.t0)
+        extra = {"tokens_per_s_per_device": round(tok_s, 1), "tokens_per_s_total": round(tok_s * self.world_size, 1)}
+        if self.peak:
+            extra["mfu"] = round(tok_s * self.flops_per_token / self.peak, 4)
+        logs.update(extra)  # printed / sent to report_to
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)  # the Trainer stored a copy before the callbacks ran
+        self.t0, self.step0, self.tokens0 = now, state.global_step, state.num_input_tokens_seen
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM (SLURM's warning before preemption) save a checkpoint and stop.
+
+    The signal may reach only some ranks, and a ZeRO checkpoint is a collective save, so the
+    ranks agree after every step through an all-reduce of the flag: all of them stop at the same
+    step. The stage then exits non-zero without exporting; re-running resumes from that checkpoint.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kw):
+        flag = torch.tensor([int(self.requested)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
