@@ -1,0 +1,139 @@
+"""``recommend_seam``: analysis pass -> ranked seams -> top k merged and scored -> report.
+
+Every input is checked before a model is loaded: the model format (through the merge's own
+validation: the recommended seam must be mergeable), the target depth, ``top_k``, the data files,
+their text column and their token count.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from pipeline.analysis.report import SeamReport, write_report
+from pipeline.analysis.seams import (
+    candidate_seams, check_target_depth, passthrough_merge_config, score_candidates, select_for_scoring,
+    solar_seam, spearman_rho, Candidate,
+)
+from pipeline.analysis.similarity import analyze_layers, load_causal_lm, measure_perplexity
+from pipeline.analysis.tokens import DEFAULT_HELDOUT_FRACTION, TokenBatches, check_data_files, heldout_token_batches
+from pipeline.errors import ConfigError
+
+DEFAULT_TOKENS = 4096
+DEFAULT_SEQ_LEN = 256
+
+
+def default_data_files() -> List[str]:
+    from pipeline.config import REPO_ROOT
+
+    return [str(REPO_ROOT / "data" / "demo" / "corpus.txt")]
+
+
+def source_depth(model_dir: Path | str) -> int:
+    """Layer count of ``model_dir``, read the way the merge reads it (ConfigError for anything the
+    merge refuses: unknown architecture, missing config, pickle-only weights, ...)."""
+    from pipeline.merge import InputSlice, MergeConfig, OutputSlice, validate_merge
+
+    probe = MergeConfig(slices=[OutputSlice(sources=[InputSlice(model=str(model_dir), layer_range=[0, 1])])])
+    plan = validate_merge(probe)
+    return plan.sources[str(model_dir)].num_layers
+
+
+def _context_length(model_dir: Path) -> Optional[int]:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 1 else None
+
+
+def prepare_tokens(model_dir: Path | str, *, data_files: Sequence[str], num_tokens: int, seq_len: Optional[int],
+                   batch_size: int, heldout_fraction: Optional[float], text_column: str) -> TokenBatches:
+    from transformers import AutoTokenizer
+
+    check_data_files(data_files)
+    context = _context_length(Path(model_dir))
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
+    elif context is not None and seq_len > context:
+        raise ConfigError("--seq-len", f"{seq_len} exceeds the model's max_position_embeddings ({context})",
+                          f"use --seq-len {context} or less")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    return heldout_token_batches(tokenizer, data_files, num_tokens=num_tokens, seq_len=seq_len,
+                                 batch_size=batch_size, heldout_fraction=heldout_fraction, text_column=text_column)
+
+
+def recommend_seam(
+    model_dir: Path | str,
+    *,
+    target_layers: int,
+    top_k: int = 3,
+    data_files: Optional[Sequence[str]] = None,
+    num_tokens: int = DEFAULT_TOKENS,
+    seq_len: Optional[int] = None,
+    batch_size: int = 4,
+    heldout_fraction: Optional[float] = DEFAULT_HELDOUT_FRACTION,
+    text_column: str = "text",
+    out_dir: Path | str | None = None,
+    model_ref: Optional[str] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    time_plain_forward: bool = True,
+    work_dir: Path | str | None = None,
+    progress: bool = True,
+) -> SeamReport:
+    """Choose the seam of a SOLAR-shaped merge of ``model_dir`` to ``target_layers`` layers.
+
+    The top ``top_k`` seams by predicted damage, plus SOLAR's own, are merged and scored by held-out
+    perplexity on the analysis tokens; the lowest wins. ``report.slices`` is the winner as plain
+    data ``[(0, a), (b, N)]``; with ``out_dir`` the report files are written there and their paths
+    are in ``report.paths`` (``merge_yaml`` is the mergekit config of the winner). ``model_ref`` is
+    the model name written into that YAML (default: ``model_dir`` as given).
+    """
+    model_dir = str(model_dir)
+    data_files = list(data_files) if data_files else default_data_files()
+    # Cheap checks first, nothing loaded yet.
+    n_layers = source_depth(model_dir)
+    check_target_depth(n_layers, target_layers, where="target_layers")
+    a, b = solar_seam(n_layers, target_layers)
+    from pipeline.merge import validate_merge
+
+    validate_merge(passthrough_merge_config(model_dir, Candidate(a, b, n_layers, 0.0)))
+    select_for_scoring([], top_k)  # validates top_k
+    tokens = prepare_tokens(model_dir, data_files=data_files, num_tokens=num_tokens, seq_len=seq_len,
+                            batch_size=batch_size, heldout_fraction=heldout_fraction, text_column=text_column)
+
+    model = load_causal_lm(model_dir, device=device, dtype=dtype)
+    similarity = analyze_layers(model=model, token_batches=tokens, progress=progress, total_batches=len(tokens))
+    similarity.model_dir = model_ref or model_dir
+    plain_seconds = None
+    if time_plain_forward:
+        started = time.perf_counter()
+        measure_perplexity(model=model, token_batches=tokens, progress=progress, total_batches=len(tokens),
+                           desc="plain forward")
+        plain_seconds = time.perf_counter() - started
+    del model
+    gc.collect()
+
+    candidates = candidate_seams(similarity, target_layers)
+    to_score = select_for_scoring(candidates, top_k)
+    started = time.perf_counter()
+    score_candidates(model_dir, to_score, tokens.batches, work_dir=work_dir, device=device, dtype=dtype,
+                     progress=progress)
+    scoring_seconds = time.perf_counter() - started
+    recommended = min(to_score, key=lambda c: (c.measured_perplexity, c.predicted_rank))
+    solar = next(c for c in candidates if c.is_solar)
+    rho = spearman_rho([c.predicted_damage for c in to_score], [c.measured_perplexity for c in to_score])
+    report = SeamReport(
+        model=model_ref or model_dir, source_layers=n_layers, target_layers=target_layers,
+        num_tokens=tokens.num_tokens, base_perplexity=similarity.perplexity, candidates=candidates,
+        recommended=recommended, solar=solar, spearman_rho=rho, analysis_seconds=similarity.seconds,
+        plain_forward_seconds=plain_seconds, scoring_seconds=scoring_seconds, similarity=similarity,
+    )
+    if out_dir is not None:
+        write_report(report, similarity, out_dir)
+    return report

