@@ -55,6 +55,13 @@ class PreferenceEval:
     def metrics(self, prefix: str = "preference/") -> dict[str, float]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
+    def table_metrics(self, prefix: str = "preference/") -> dict[str, float]:
+        """The few worth a column in a results table (counts end in /examples and /skipped, which
+        tables list but do not plot)."""
+        return {f"{prefix}reward_accuracy": self.reward_accuracy, f"{prefix}reward_margin": self.mean_reward_margin,
+                f"{prefix}logprob_accuracy": self.logprob_accuracy, f"{prefix}examples": self.pairs,
+                f"{prefix}skipped": self.skipped_prompt_too_long}
+
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
@@ -140,12 +147,12 @@ def preference_metrics(*, policy_chosen: list[float], policy_rejected: list[floa
     )
 
 
-def _load_for_scoring(model_dir: str, *, bf16: bool, attn: str):
+def _load_for_scoring(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attn,
-        trust_remote_code=False, use_safetensors=True,
+        trust_remote_code=trust_remote_code, use_safetensors=True,
     )
     if torch.cuda.is_available():
         model = model.cuda()
@@ -154,7 +161,7 @@ def _load_for_scoring(model_dir: str, *, bf16: bool, attn: str):
 
 def evaluate_preferences(*, policy_dir: str | Path, reference_dir: str | Path, pairs: list[dict], beta: float,
                          max_length: int | None = 1024, batch_size: int = 8, bf16: bool = False,
-                         attn: str = "sdpa") -> PreferenceEval:
+                         attn: str = "sdpa", trust_remote_code: bool = False) -> PreferenceEval:
     """Score ``pairs`` (``pipeline.data.preference`` shape) with the policy against the reference.
 
     The tokenizer is the policy's. One model is in memory at a time (a 10.7B policy and its
@@ -164,7 +171,7 @@ def evaluate_preferences(*, policy_dir: str | Path, reference_dir: str | Path, p
         raise ConfigError("dpo.beta", f"must be > 0, got {beta}")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir), trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise ConfigError(f"tokenizer of {policy_dir}", "has no chat template: replies cannot be located",
                           "evaluate a model whose tokenizer has a chat template")
@@ -173,7 +180,7 @@ def evaluate_preferences(*, policy_dir: str | Path, reference_dir: str | Path, p
     skipped = len(tokenized_all) - len(tokenized)
 
     def score(model_dir) -> tuple[list[float], list[float]]:
-        model = _load_for_scoring(str(model_dir), bf16=bf16, attn=attn)
+        model = _load_for_scoring(str(model_dir), bf16=bf16, attn=attn, trust_remote_code=trust_remote_code)
         try:
             return reply_logprobs(model, tokenizer, tokenized, max_length=max_length, batch_size=batch_size)
         finally:

@@ -110,13 +110,13 @@ def pair_fingerprint(token_ids: list[int]) -> str:
     return hashlib.sha1(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()[:16]
 
 
-def load_policy(model_dir: str, *, bf16: bool, attn: str):
-    """A model for DPO (policy or reference): safetensors only, no remote code, no KV cache in training."""
+def load_policy(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool = False):
+    """A model for DPO (policy or reference): safetensors only, no KV cache in training."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 attn_implementation=attn, trust_remote_code=False,
+                                                 attn_implementation=attn, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
     model.config.use_cache = False
     return model
@@ -151,7 +151,7 @@ def pairs_dataset(pairs: list[dict], *, shared_dir: Path | None):
 
 def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], settings: DPOSettings,
                       trainer_args: dict[str, Any], bf16: bool, attn: str = "sdpa", eval_pairs: list[dict] | None = None,
-                      shared_dataset_dir: Path | None = None):
+                      shared_dataset_dir: Path | None = None, trust_remote_code: bool = False):
     """A ``trl.DPOTrainer`` for ``train_pairs`` (``pipeline.data.preference`` shape), its recording
     collator and data stats. ``trainer_args`` are TrainingArguments keywords (output_dir, steps,
     batch size, ``deepspeed``/``accelerator_config`` under DeepSpeed, ...); the DPO ones come from
@@ -179,7 +179,7 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
         **trl_loss_arguments(settings),
         **settings.extra_trl_args,
     )
-    model = load_policy(model_dir, bf16=bf16, attn=attn)
+    model = load_policy(model_dir, bf16=bf16, attn=attn, trust_remote_code=trust_remote_code)
     ref_model, peft_config = None, None
     if settings.use_lora:
         from peft import LoraConfig
@@ -187,7 +187,7 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
         peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                                  target_modules=settings.lora_target_modules, task_type="CAUSAL_LM")
     elif not settings.precompute_ref_log_probs:
-        ref_model = load_policy(model_dir, bf16=bf16, attn=attn)
+        ref_model = load_policy(model_dir, bf16=bf16, attn=attn, trust_remote_code=trust_remote_code)
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,
         train_dataset=pairs_dataset(pairs, shared_dir=shared_dataset_dir and Path(shared_dataset_dir) / "train"),
