@@ -42,9 +42,23 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pipeline.config import DemoModelConfig
-from pipeline.data import conversation_key, load_conversations, load_text_records, read_rows, split_records
+from pipeline.data import (
+    conversation_key,
+    load_conversations,
+    load_text_records,
+    read_rows,
+    split_records,
+    tokenize_records,
+)
 from pipeline.errors import ConfigError, StageFailed
-from pipeline.fsutil import atomic_output_dir, atomic_write_json, file_lock, hash_path, hash_text
+from pipeline.evaluation.metrics import heldout_perplexity
+from pipeline.fsutil import (
+    atomic_output_dir,
+    atomic_write_json,
+    file_lock,
+    hash_path,
+    hash_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +106,14 @@ def train_demo_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, *
     ``vocab_size`` includes the 256 byte symbols and the special tokens; on a small text the BPE
     trainer may stop below it (``len(tokenizer)`` is the real size).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     min_vocab = 256 + len(SPECIAL_TOKENS)
@@ -188,18 +209,10 @@ def tokenizer_training_texts(
 
 
 def pack_records(tokenizer, records: Sequence[str]):
-    """One long 1-D LongTensor: ``<s> record </s>`` for each record, in order."""
+    """One long 1-D LongTensor: ``<s> record </s>`` for each record, in order (as cpt packs them)."""
     import torch
 
-    # The backend directly: whole records are longer than model_max_length, which is fine here.
-    enc = tokenizer.backend_tokenizer.encode_batch(list(records), add_special_tokens=False)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    out: list[int] = []
-    for e in enc:
-        out.append(bos)
-        out.extend(e.ids)
-        out.append(eos)
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor([t for doc in tokenize_records(tokenizer, list(records)) for t in doc], dtype=torch.long)
 
 
 def _blocks(stream, seq_len: int, offset: int = 0):
@@ -261,42 +274,6 @@ def mistral_config(cfg: DemoModelConfig, tokenizer):
     )
 
 
-@dataclasses.dataclass
-class _EvalResult:
-    loss: float
-    tokens: int
-
-
-def heldout_loss(model, stream, seq_len: int, batch_size: int) -> _EvalResult:
-    """Token-weighted mean next-token loss over non-overlapping ``seq_len`` windows of ``stream``."""
-    import torch
-    import torch.nn.functional as F
-
-    if len(stream) < 2:
-        return _EvalResult(float("nan"), 0)
-    chunks = [stream[i: i + seq_len] for i in range(0, len(stream) - 1, seq_len)]
-    chunks = [c for c in chunks if len(c) >= 2]
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(chunks), batch_size):
-            group = chunks[i: i + batch_size]
-            width = max(len(c) for c in group)
-            ids = torch.zeros(len(group), width, dtype=torch.long)
-            labels = torch.full((len(group), width), -100, dtype=torch.long)
-            for j, c in enumerate(group):
-                ids[j, : len(c)] = c
-                labels[j, : len(c)] = c
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            tgt = labels[:, 1:]
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
-            count += int((tgt != -100).sum())
-    model.train(was_training)
-    return _EvalResult(total / max(count, 1), count)
-
-
 def unigram_ppl(train_stream, eval_stream, vocab_size: int) -> float:
     """Perplexity of an add-one unigram model from the train tokens: the bar a real LM must clear."""
     import torch
@@ -325,10 +302,6 @@ def build_demo_base(
     ``out_dir/train_log.json`` as a list of ``{"step", "loss", "lr", "time_s"}`` (``time_s``: seconds
     since training started, after that step).
     """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig, MistralForCausalLM, get_cosine_schedule_with_warmup
-
     validate_demo_config(cfg, heldout_fraction)
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
@@ -337,7 +310,6 @@ def build_demo_base(
         raise ConfigError("data.heldout_fraction", f"{heldout_fraction} leaves no training records in {cfg.corpus}")
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        # ---- tokenizer
         if tokenizer_dir is None:
             tokenizer = train_demo_tokenizer(
                 tokenizer_training_texts(cfg, heldout_fraction, records), cfg.vocab_size, tmp,
@@ -347,123 +319,137 @@ def build_demo_base(
             tokenizer = load_demo_tokenizer(tokenizer_dir)
             tokenizer.save_pretrained(tmp)
         t_tok = time.perf_counter()
-
-        # ---- data
         train_stream = pack_records(tokenizer, split.train)
-        heldout_stream = pack_records(tokenizer, split.heldout) if split.heldout else torch.zeros(0, dtype=torch.long)
-        seq_len = cfg.seq_len
-        if len(train_stream) < seq_len * 2:
+        if len(train_stream) < cfg.seq_len * 2:
             raise ConfigError("model.demo.seq_len", f"the corpus train split has only {len(train_stream)} tokens, "
-                              f"too few for seq_len={seq_len}", "use a smaller seq_len or a larger corpus")
-
-        # ---- model
-        model_config = mistral_config(cfg, tokenizer)
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(cfg.seed)
-            model = MistralForCausalLM(model_config).float()
-        model.config.use_cache = False
-        model.train()
-        num_params = sum(p.numel() for p in model.parameters())
-
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-        )
-        warmup = max(1, min(100, cfg.train_steps // 10))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, cfg.train_steps)
-
-        # Batches: the train stream cut into seq_len blocks; each epoch a new random phase and order.
-        gen = torch.Generator().manual_seed(cfg.seed)
-        order: list[int] = []
-        blocks = None
-        epochs = 0
-
-        def next_batch():
-            nonlocal blocks, order, epochs
-            rows = []
-            while len(rows) < cfg.batch_size:
-                if not order:
-                    offset = int(torch.randint(0, seq_len, (1,), generator=gen)) if epochs else 0
-                    blocks = _blocks(train_stream, seq_len, offset)
-                    order = torch.randperm(len(blocks), generator=gen).tolist()
-                    epochs += 1
-                rows.append(blocks[order.pop()])
-            return torch.stack(rows)
-
-        log_rows: list[dict] = []
-        t_train = time.perf_counter()
-        bar = tqdm(total=cfg.train_steps, desc="demo base: pretraining", unit="step", disable=not progress,
-                   dynamic_ncols=True)
-        ema = None
-        for step in range(1, cfg.train_steps + 1):
-            batch = next_batch()
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise StageFailed(f"demo base pretraining diverged at step {step} (loss {value}); "
-                                         "lower model.demo.learning_rate")
-            ema = value if ema is None else 0.9 * ema + 0.1 * value
-            log_rows.append({"step": step, "loss": round(value, 5), "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
-                             "time_s": round(time.perf_counter() - t_train, 3)})
-            bar.update(1)
-            if step % 5 == 0 or step == cfg.train_steps:
-                bar.set_postfix(loss=f"{ema:.3f}")
-        bar.close()
-        train_s = time.perf_counter() - t_train
-
-        # ---- held-out evaluation
-        ev = heldout_loss(model, heldout_stream, seq_len, cfg.batch_size)
-        has_heldout = ev.tokens > 0  # heldout_fraction 0: no held-out metrics (None, not NaN, in the JSON)
-        tail = [r["loss"] for r in log_rows[-max(1, min(20, len(log_rows))):]]
+                              f"too few for seq_len={cfg.seq_len}", "use a smaller seq_len or a larger corpus")
+        model, log_rows, train_s = pretrain(cfg, tokenizer, train_stream, progress=progress)
         metrics = {
-            "final_train_loss": log_rows[-1]["loss"],
-            "final_train_loss_avg20": sum(tail) / len(tail),
-            "heldout_loss": ev.loss if has_heldout else None,
-            "heldout_ppl": math.exp(ev.loss) if has_heldout else None,
-            "heldout_tokens": ev.tokens,
-            "unigram_heldout_ppl": unigram_ppl(train_stream, heldout_stream, len(tokenizer)) if has_heldout else None,
-            "vocab_size": len(tokenizer),
-            "num_params": num_params,
-            "train_records": len(split.train),
-            "heldout_records": len(split.heldout),
-            "train_stream_tokens": len(train_stream),
-            "tokens_seen": cfg.train_steps * cfg.batch_size * seq_len,
-            "epochs": cfg.train_steps * cfg.batch_size * seq_len / max(1, len(train_stream)),
-            "train_steps": cfg.train_steps,
+            **summarize_pretraining(cfg, model, tokenizer, split, train_stream, log_rows),
             "steps_per_s": cfg.train_steps / train_s,
             "train_time_s": train_s,
             "tokenizer_time_s": t_tok - t_start,
-            "torch_threads": torch.get_num_threads(),
         }
-
-        # ---- save
-        model.config.use_cache = True
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_json(tmp / TRAIN_LOG_FILE, log_rows)
-        metrics["wall_time_s"] = time.perf_counter() - t_start
-        atomic_write_json(tmp / DEMO_BUILD_FILE, {
+        save_demo_base(tmp, model, tokenizer, log_rows=log_rows, metrics=metrics, t_start=t_start, build={
             "build_version": DEMO_BUILD_VERSION,
             "config": dataclasses.asdict(cfg),
             "heldout_fraction": heldout_fraction,
             "records": dataclasses.asdict(records),
             "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None,
         })
-        atomic_write_json(tmp / BUILD_METRICS_FILE, metrics)
-        _make_readable(tmp)
     log.info("demo base built in %.0fs: held-out ppl %s (unigram %s), %d params -> %s",
-             metrics["wall_time_s"], metrics["heldout_ppl"], metrics["unigram_heldout_ppl"], num_params, out_dir)
+             metrics["wall_time_s"], metrics["heldout_ppl"], metrics["unigram_heldout_ppl"], metrics["num_params"], out_dir)
     return metrics
+
+
+def pretrain(cfg: DemoModelConfig, tokenizer, train_stream, *, progress: bool):
+    """Pretrain a fresh tiny Mistral on ``seq_len`` blocks of the train stream (each epoch a new
+    random phase and order). Returns (model, per-step log rows, training seconds)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import MistralForCausalLM, get_cosine_schedule_with_warmup
+
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        model = MistralForCausalLM(mistral_config(cfg, tokenizer)).float()
+    model.config.use_cache = False
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, min(100, cfg.train_steps // 10)), cfg.train_steps)
+    batches = _batches(train_stream, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    log_rows: list[dict] = []
+    t_train = time.perf_counter()
+    bar = tqdm(total=cfg.train_steps, desc="demo base: pretraining", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    ema = None
+    for step in range(1, cfg.train_steps + 1):
+        batch = next(batches)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise StageFailed(f"demo base pretraining diverged at step {step} (loss {value}); "
+                              "lower model.demo.learning_rate")
+        ema = value if ema is None else 0.9 * ema + 0.1 * value
+        log_rows.append({"step": step, "loss": round(value, 5), "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
+                         "time_s": round(time.perf_counter() - t_train, 3)})
+        bar.update(1)
+        if step % 5 == 0 or step == cfg.train_steps:
+            bar.set_postfix(loss=f"{ema:.3f}")
+    bar.close()
+    return model, log_rows, time.perf_counter() - t_train
+
+
+def _batches(train_stream, *, seq_len: int, batch_size: int, seed: int):
+    """Endless batches of ``seq_len`` blocks; each epoch cuts the stream at a new random offset and
+    shuffles the blocks (the first epoch at offset 0)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    blocks, epochs = None, 0
+    while True:
+        rows = []
+        while len(rows) < batch_size:
+            if not order:
+                offset = int(torch.randint(0, seq_len, (1,), generator=gen)) if epochs else 0
+                blocks = _blocks(train_stream, seq_len, offset)
+                order = torch.randperm(len(blocks), generator=gen).tolist()
+                epochs += 1
+            rows.append(blocks[order.pop()])
+        yield torch.stack(rows)
+
+
+def summarize_pretraining(cfg: DemoModelConfig, model, tokenizer, split, train_stream, log_rows: list[dict]) -> dict:
+    """The build's metrics; the held-out figure is the eval stage's own measure
+    (``pipeline.evaluation.metrics.heldout_perplexity`` at the demo's sequence length)."""
+    import torch
+
+    heldout = (heldout_perplexity(model, tokenizer, split.heldout, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+               if split.heldout else None)  # heldout_fraction 0: no held-out metrics (None, not NaN, in the JSON)
+    heldout_stream = pack_records(tokenizer, split.heldout) if split.heldout else None
+    tail = [r["loss"] for r in log_rows[-max(1, min(20, len(log_rows))):]]
+    return {
+        "final_train_loss": log_rows[-1]["loss"],
+        "final_train_loss_avg20": sum(tail) / len(tail),
+        "heldout_loss": heldout["loss"] if heldout else None,
+        "heldout_ppl": heldout["perplexity"] if heldout else None,
+        "heldout_tokens": heldout["tokens"] if heldout else 0,
+        "unigram_heldout_ppl": unigram_ppl(train_stream, heldout_stream, len(tokenizer)) if heldout else None,
+        "vocab_size": len(tokenizer),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "train_records": len(split.train),
+        "heldout_records": len(split.heldout),
+        "train_stream_tokens": len(train_stream),
+        "tokens_seen": cfg.train_steps * cfg.batch_size * cfg.seq_len,
+        "epochs": cfg.train_steps * cfg.batch_size * cfg.seq_len / max(1, len(train_stream)),
+        "train_steps": cfg.train_steps,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def save_demo_base(out: Path, model, tokenizer, *, log_rows: list[dict], metrics: dict, t_start: float, build: dict) -> None:
+    from transformers import GenerationConfig
+
+    model.config.use_cache = True
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    atomic_write_json(out / TRAIN_LOG_FILE, log_rows)
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    atomic_write_json(out / DEMO_BUILD_FILE, build)
+    atomic_write_json(out / BUILD_METRICS_FILE, metrics)
+    _make_readable(out)
 
 
 def _make_readable(root: Path) -> None:
