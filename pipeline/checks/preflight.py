@@ -9,10 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from pipeline.checks.estimates import (
+    ASSUMED_BYTES_PER_TOKEN,
+    RunEstimate,
+    estimate_stage,
+    format_estimates,
+    local_data_bytes,
+    shape_from_config,
+    shape_from_demo,
+)
 from pipeline.config import PipelineConfig
-from pipeline.log import log
 from pipeline.errors import ConfigError
+from pipeline.fsutil import fmt_bytes
+from pipeline.log import log
+from pipeline.manifest import read_manifest, stage_dir
+from pipeline.merge import validate_merge
+from pipeline.merge.plan import planned_num_layers
 from pipeline.stages import get_stage, selected_stages
+from pipeline.stages.merge import resolved_merge_config
+from pipeline.training.callbacks import device_peak_flops
+from pipeline.training.distributed import load_deepspeed_config, validate_distributed
+from pipeline.training.model import use_bf16
 
 
 class PreflightFailed(ConfigError):
@@ -45,8 +62,6 @@ def check_stages(cfg: PipelineConfig, stages: list[str]) -> None:
 
 
 def check_distributed(cfg: PipelineConfig, stages: list[str]) -> None:
-    from pipeline.training.distributed import validate_distributed
-
     if any(s in stages for s in ("cpt", "sft")) and cfg.distributed.launcher == "accelerate":
         validate_distributed(cfg.distributed, cfg.paths.conf_dir)
     if cfg.distributed.launcher not in ("accelerate", "inprocess"):
@@ -111,8 +126,6 @@ def check_context_length(cfg: PipelineConfig, stages: list[str]) -> None:
 def check_batch_arithmetic(cfg: PipelineConfig, stages: list[str]) -> None:
     """Batch sizes fixed in the DeepSpeed config must equal the Trainer's: DeepSpeed asserts
     train_batch_size == micro batch x accumulation x world size only once the processes are up."""
-    from pipeline.training.distributed import load_deepspeed_config
-
     dist = cfg.distributed
     if dist.launcher != "accelerate" or not any(s in stages for s in ("cpt", "sft")):
         return
@@ -159,8 +172,6 @@ def _base_shape(cfg: PipelineConfig):
     not in the local cache: the model checks report that)."""
     import json
 
-    from pipeline.checks.estimates import shape_from_config, shape_from_demo
-
     if cfg.model.demo is not None:
         return shape_from_demo(cfg.model.demo), 4  # built and saved in fp32 (pipeline/demo.py)
     path = Path(cfg.model.name_or_path).expanduser() / "config.json"
@@ -173,28 +184,16 @@ def _base_shape(cfg: PipelineConfig):
         return None  # reported by the model checks
 
 
-def _merged_layers_from_config(cfg: PipelineConfig, base_layers: int) -> int:
-    m = cfg.merge
-    if m.merge_method == "dus" and m.n_layers_removed is not None:
-        return 2 * (base_layers - m.n_layers_removed)
-    if m.merge_method == "block_expansion" and m.block_expansion_group_size:
-        return base_layers + base_layers // m.block_expansion_group_size
-    if m.slices and not m.config_file:
-        total = 0
-        for s in m.slices:
-            rng = list(s.sources[0].layer_range) if s.sources else []
-            total += (rng[1] - rng[0]) if len(rng) == 2 else base_layers
-        return total
-    return base_layers
+def _merged_layers(cfg: PipelineConfig, base_layers: int) -> int:
+    try:
+        return planned_num_layers(cfg.merge, base_layers=base_layers)
+    except ConfigError:
+        return base_layers  # the merge's own check reports the config
 
 
 def estimate_run(cfg: PipelineConfig, stages: list[str]):
     """Disk, memory and time figures for this run, or None when the base model's shape is unknown."""
     import dataclasses
-
-    from pipeline.training.distributed import load_deepspeed_config
-    from pipeline.checks.estimates import RunEstimate, estimate_stage, local_data_bytes, shape_from_config
-    from pipeline.checks.estimates import ASSUMED_BYTES_PER_TOKEN
 
     base = _base_shape(cfg)
     if base is None:
@@ -204,9 +203,6 @@ def estimate_run(cfg: PipelineConfig, stages: list[str]):
     if "merge" in stages and cfg.model.demo is None:
         # The exact figures, from the plan the merge itself will follow (safetensors headers only).
         try:
-            from pipeline.stages.merge import resolved_merge_config
-            from pipeline.merge import validate_merge
-
             plan = validate_merge(resolved_merge_config(cfg, cfg.model.name_or_path), base_model=cfg.model.name_or_path,
                                   allow_pickle=cfg.model.allow_pickle, trust_remote_code=cfg.model.trust_remote_code)
             est = RunEstimate(shape=shape_from_config(plan.out_config), merged_params=plan.num_parameters,
@@ -215,7 +211,7 @@ def estimate_run(cfg: PipelineConfig, stages: list[str]):
         except (ConfigError, KeyError, TypeError, ValueError):
             est = None  # the model checks report why
     if est is None:
-        layers = _merged_layers_from_config(cfg, shape.num_layers) if "merge" in stages else shape.num_layers
+        layers = _merged_layers(cfg, shape.num_layers) if "merge" in stages else shape.num_layers
         out_bytes = DTYPE_BYTES.get(str(cfg.merge.out_dtype or cfg.merge.dtype), base_wbytes)
         merged = dataclasses.replace(shape, num_layers=layers)
         est = RunEstimate(shape=merged, merged_params=merged.num_parameters(), merged_layers=layers,
@@ -268,8 +264,6 @@ def estimate_run(cfg: PipelineConfig, stages: list[str]):
 
 
 def _bf16(requested) -> bool:
-    from pipeline.training.model import use_bf16
-
     try:
         return use_bf16(requested)
     except ConfigError:
@@ -277,8 +271,6 @@ def _bf16(requested) -> bool:
 
 
 def _peak() -> tuple:
-    from pipeline.training.callbacks import device_peak_flops
-
     return device_peak_flops()
 
 
@@ -292,8 +284,6 @@ def _existing_ancestor(path: Path) -> Path:
 def disk_needs(cfg: PipelineConfig, stages: list[str], est) -> list[tuple[str, Path, int, str]]:
     """(config field, directory, bytes, what) for everything this run writes. Stages that already
     finished in this run directory write nothing again."""
-    from pipeline.manifest import read_manifest, stage_dir
-
     run_dir, cache = Path(cfg.paths.run_dir), Path(cfg.paths.cache_dir)
     done = {s for s in ("merge", "cpt", "sft") if read_manifest(stage_dir(run_dir, s)) is not None}
     needs = []
@@ -318,8 +308,6 @@ def check_disk_space(cfg: PipelineConfig, stages: list[str]) -> None:
     (free space from the real filesystem, ``shutil.disk_usage``)."""
     import os
     import shutil
-
-    from pipeline.fsutil import fmt_bytes
 
     for fieldname, path in (("paths.output_root", Path(cfg.paths.run_dir)), ("paths.cache_dir", Path(cfg.paths.cache_dir))):
         anc = _existing_ancestor(path)
@@ -355,8 +343,6 @@ def check_disk_space(cfg: PipelineConfig, stages: list[str]) -> None:
 
 def print_estimates(cfg: PipelineConfig, stages: list[str]) -> None:
     """Print the estimates before anything runs. A failure here never stops a run: they are advice."""
-    from pipeline.checks.estimates import format_estimates
-
     try:
         est = estimate_run(cfg, stages)
     except Exception as e:  # noqa: BLE001 - an estimate must not block a run the checks passed

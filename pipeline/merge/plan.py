@@ -220,6 +220,17 @@ def _block_expansion_slices(spec: MergeSpec, src: SourceModel) -> List[SliceSpec
 _DERIVED_SLICES = {"dus": _dus_slices, "block_expansion": _block_expansion_slices}
 
 
+def planned_num_layers(cfg: MergeConfig, *, base_layers: int) -> int:
+    """The merged depth when every source has ``base_layers`` layers, from the same slice derivation
+    the merge follows, without reading any model (preflight, for a base that is not built yet)."""
+    from types import SimpleNamespace
+
+    stand_in = SimpleNamespace(ref="base", num_layers=base_layers, arch=SimpleNamespace(block_expansion_zeroed=()))
+    spec = load_spec(cfg, base_model="base")
+    expand_slices(spec, lambda ref, where: stand_in, base_model="base")
+    return len(plan_layers(spec))
+
+
 def _models_in_slices(spec: MergeSpec) -> Dict[str, str]:
     """Model ref -> where it is first named (for error messages), in slice order."""
     used: Dict[str, str] = {}
