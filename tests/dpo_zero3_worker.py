@@ -32,7 +32,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from pipeline.data.preference import load_preferences
-    from pipeline.training_dpo import (DPOSettings, RecordingPreferenceCollator, build_dpo_trainer,
+    from pipeline.training.dpo import (DPOSettings, RecordingPreferenceCollator, build_dpo_trainer,
                                        preference_fixed_batch, write_rank_record)
 
     pairs = load_preferences([pairs_file])

@@ -1,5 +1,5 @@
-"""DPO with TRL 1.16's DPOTrainer on the tiny model (pipeline/training_dpo.py) and the held-out
-preference metrics (pipeline/evaluation_preference.py): real trainer steps, no mocks."""
+"""DPO with TRL 1.16's DPOTrainer on the tiny model (pipeline/training/dpo.py) and the held-out
+preference metrics (pipeline/evaluation/preference.py): real trainer steps, no mocks."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import torch
 from pipeline.config import REPO_ROOT
 from pipeline.data.preference import load_preferences
 from pipeline.errors import ConfigError
-from pipeline.evaluation_preference import evaluate_preferences, reply_logprobs, tokenize_pair
-from pipeline.training_dpo import DPOSettings, build_dpo_trainer, trl_loss_arguments, validate_dpo_settings
+from pipeline.data.preference import tokenize_pair
+from pipeline.evaluation.preference import evaluate_preferences, reply_logprobs
+from pipeline.training.dpo import DPOSettings, build_dpo_trainer, trl_loss_arguments, validate_dpo_settings
 
 MAX_LENGTH = 96
 

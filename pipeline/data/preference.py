@@ -22,11 +22,15 @@ tokenizes with the chat template: ``prompt`` with ``add_generation_prompt=True``
 Rows that cannot teach anything, or would teach the wrong thing, are refused with a ConfigError
 naming the file and row: chosen equal to rejected, an empty prompt or reply, and a pair whose two
 conversations have different prompt turns (their rewards would not be comparable).
+
+``tokenize_pair`` splits a pair into prompt / chosen / rejected token ids exactly as
+``trl.DPOTrainer`` does; the trainer's fixed batch and the held-out evaluation both use it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from pipeline.data import check_data_file, is_hub_dataset_name, iter_hub_rows, read_rows, split_records
@@ -207,3 +211,38 @@ def check_preference_files(files: list[str], *, dpo_format: str = "auto", field:
     if count == 0:
         raise ConfigError(field, f"{files} contain no preference pairs", "check the files are not empty")
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization, as trl.DPOTrainer 1.16 does it (training and evaluation share this one rule)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        add_generation_prompt=add_generation_prompt)
+    return list(enc["input_ids"])
+
+
+def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
+    """Prompt, chosen and rejected token ids, split where ``trl.DPOTrainer`` splits them."""
+    prompt = _chat_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
+    full_chosen = _chat_ids(tokenizer, pair["prompt"] + pair["chosen"], add_generation_prompt=False)
+    full_rejected = _chat_ids(tokenizer, pair["prompt"] + pair["rejected"], add_generation_prompt=False)
+    n = min(_common_prefix_length(prompt, full_chosen), _common_prefix_length(prompt, full_rejected))
+    return TokenizedPair(prompt[:n], full_chosen[n:], full_rejected[n:])

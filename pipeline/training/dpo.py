@@ -205,7 +205,7 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
 def preference_fixed_batch(tokenizer, pairs: list[dict], *, max_length: int) -> dict[str, list[list[int]]]:
     """input_ids/attention_mask/labels of a few pairs' chosen conversations, labels on the reply only:
     a fixed batch whose loss checks that a saved DPO model is the trained one (the hand-off check)."""
-    from pipeline.evaluation_preference import tokenize_pair
+    from pipeline.data.preference import tokenize_pair
 
     rows = []
     for p in pairs:

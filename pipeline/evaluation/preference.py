@@ -29,14 +29,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.preference import TokenizedPair, tokenize_pair
 from pipeline.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class TokenizedPair:
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -61,30 +55,6 @@ class PreferenceEval:
         return {f"{prefix}reward_accuracy": self.reward_accuracy, f"{prefix}reward_margin": self.mean_reward_margin,
                 f"{prefix}logprob_accuracy": self.logprob_accuracy, f"{prefix}examples": self.pairs,
                 f"{prefix}skipped": self.skipped_prompt_too_long}
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=add_generation_prompt)
-    return list(enc["input_ids"])
-
-
-def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
-    """Prompt, chosen and rejected token ids, split where ``trl.DPOTrainer`` splits them."""
-    prompt = _chat_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
-    full_chosen = _chat_ids(tokenizer, pair["prompt"] + pair["chosen"], add_generation_prompt=False)
-    full_rejected = _chat_ids(tokenizer, pair["prompt"] + pair["rejected"], add_generation_prompt=False)
-    n = min(_common_prefix_length(prompt, full_chosen), _common_prefix_length(prompt, full_rejected))
-    return TokenizedPair(prompt[:n], full_chosen[n:], full_rejected[n:])
 
 
 @torch.no_grad()
