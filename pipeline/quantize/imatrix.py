@@ -63,7 +63,8 @@ class ImportanceMatrix:
 
 
 def compute_imatrix(*, install: LlamaCppInstall, reference_gguf: Path, calibration_texts: list[str], work_dir: Path,
-                    n_ctx: int = 512, n_threads: int | None = None, log_path: Path | None = None) -> ImportanceMatrix:
+                    n_ctx: int = 512, max_chunks: int | None = None, n_threads: int | None = None,
+                    log_path: Path | None = None) -> ImportanceMatrix:
     tool = install.imatrix_tool
     if tool is None:
         raise ConfigError("quantize.rungs", "an imatrix rung was asked for but llama-imatrix was not built",
@@ -78,6 +79,8 @@ def compute_imatrix(*, install: LlamaCppInstall, reference_gguf: Path, calibrati
            "--no-ppl", "--output-format", "gguf"]
     if n_threads:
         cmd += ["-t", str(n_threads)]
+    if max_chunks:
+        cmd += ["--chunks", str(max_chunks)]
     proc = subprocess.run(cmd, env=install.tool_env(), capture_output=True, text=True)
     if log_path is not None:
         log_path.write_text(proc.stdout + proc.stderr)

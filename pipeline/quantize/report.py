@@ -37,7 +37,8 @@ def ladder_markdown(result: dict) -> str:
     if result.get("imatrix"):
         im = result["imatrix"]
         lines += ["", f"Importance matrix: llama-imatrix on {im['tokens']} calibration tokens ({im['chunks']} chunks of "
-                      f"{im['n_ctx']}), held-out text disjoint from the scored text."]
+                      f"{im['n_ctx']}); " + ("calibration text disjoint from the scored text." if not im.get("calibration_texts_also_scored")
+                                             else f"{im['calibration_texts_also_scored']} calibration texts are also scored (flatters the imatrix rungs).")]
     if not result.get("complete", False):
         lines += ["", "**Incomplete**: the ladder stopped before every rung was made."]
     return "\n".join(lines) + "\n"

@@ -58,12 +58,15 @@ def _log_softmax(rows: np.ndarray) -> np.ndarray:
 class LlamaCppScorer:
     """One GGUF loaded with all-position logits; ``window_logits`` gives (len-1) x vocab rows."""
 
-    def __init__(self, *, gguf_path: Path, window: int, n_threads: int | None):
+    def __init__(self, *, gguf_path: Path, window: int, n_threads: int | None, kv_cache_f32: bool = True):
         from pipeline.quantize.install import import_llama_cpp
 
         llama_cpp = import_llama_cpp()
+        # llama.cpp keeps K and V in F16 by default; F32 here so that the only difference between
+        # the reference and a rung is the weights (the F32 reference then matches transformers).
+        kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_cache_f32 else {}
         self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=window, n_batch=window, n_ubatch=window,
-                                   logits_all=True, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+                                   logits_all=True, n_threads=n_threads, n_threads_batch=n_threads, verbose=False, **kv)
         self.n_vocab = self.llm.n_vocab()
 
     def window_logits(self, tokens: list[int]) -> np.ndarray:
