@@ -150,10 +150,16 @@ def test_card_front_matter_parses_with_tags_and_carried_license(run_dir, release
     assert (release / "README.md").read_text() == card
 
 
-def test_card_merge_yaml_is_the_merge_config_verbatim(run_dir):
+def test_card_merge_yaml_is_the_merge_config_with_local_paths_named(run_dir, release):
     card = build_model_card(run_dir)
     used = (stage_dir(run_dir, "merge") / "mergekit_config.yml").read_text()
-    assert _yaml_block(card) == used.rstrip("\n")
+    base_dir = str(run_dir.parent / "tiny-base")
+    assert base_dir in used  # the run's own record keeps the real path ...
+    published = used.replace(base_dir, "tiny-base")  # ... what is published names the directory
+    assert _yaml_block(card) == published.rstrip("\n")
+    assert (release / "mergekit_config.yml").read_text() == published
+    for text in (card, (release / "mergekit_config.yml").read_text()):
+        assert str(run_dir.parent) not in text and "/tmp" not in text
     assert [s["sources"][0]["layer_range"] for s in yaml.safe_load(_yaml_block(card))["slices"]] == [[0, 3], [1, 4]]
     assert "## Merge Details" in card and "passthrough merge method" in card
     assert "| 0–2 | tiny-base | 0–2 |" in card and "| 3–5 | tiny-base | 1–3 |" in card  # the layer map
@@ -190,7 +196,8 @@ def test_release_dir_loads_and_holds_no_bookkeeping_or_pickles(run_dir, release)
             "config.json"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle")) for f in files), files
     assert "manifest.json" not in files and not any(f.startswith("logs") for f in files)
-    assert (release / "mergekit_config.yml").read_text() == (stage_dir(run_dir, "merge") / "mergekit_config.yml").read_text()
+    assert yaml.safe_load((release / "mergekit_config.yml").read_text())["slices"] == [
+        {"sources": [{"model": "tiny-base", "layer_range": [0, 3]}]}, {"sources": [{"model": "tiny-base", "layer_range": [1, 4]}]}]
     assert json.loads((release / "results.json").read_text())["stages"] == json.loads(
         (stage_dir(run_dir, "eval") / "results.json").read_text())["stages"]
     weights = sorted(p.name for p in release.glob("*.safetensors"))

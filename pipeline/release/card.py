@@ -30,10 +30,19 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from pipeline import hub
-from pipeline.release.record import (
-    BASE_TAGS, CARD_NAME, MERGEKIT_URL, PAPER_URL, PLOTS, RunRecord, HUB_REPO, load_run,
-)
 from pipeline.config import STAGES
+from pipeline.data import is_hub_dataset_name
+from pipeline.evaluation.results import results_markdown
+from pipeline.release.record import (
+    BASE_TAGS,
+    CARD_NAME,
+    HUB_REPO,
+    MERGEKIT_URL,
+    PAPER_URL,
+    PLOTS,
+    RunRecord,
+    load_run,
+)
 
 
 def _is_local_ref(ref: str) -> bool:
@@ -84,6 +93,17 @@ def merged_models(run: RunRecord) -> list[tuple[str, str]]:
         if ref is not None and ref not in [r for r, _ in out]:
             out.append((str(ref), _model_name(str(ref), run.base)))
     return out
+
+
+def published_merge_yaml(run: RunRecord) -> str:
+    """The merge config as it is published: each local model directory replaced by the name the card
+    gives it (a hub id stays as it is). A path on the machine that made the model means nothing to a
+    reader, and may say more about that machine than its owner meant to publish."""
+    text = run.merge_yaml
+    for ref, name in merged_models(run):
+        if _is_local_ref(ref):
+            text = text.replace(ref, name)
+    return text
 
 
 def _base_card_metadata(base: dict) -> tuple[dict, str]:
@@ -203,8 +223,6 @@ def card_metadata(run: RunRecord, *, license: Optional[str] = None, language: An
 
 
 def _is_hub_dataset(name: str) -> bool:
-    from pipeline.data import is_hub_dataset_name
-
     return bool(name) and is_hub_dataset_name(name)
 
 
@@ -273,7 +291,7 @@ def _merge_section(run: RunRecord) -> list[str]:
     ]
     for ref, name in models:
         link = f"[{name}](https://huggingface.co/{name})" if _is_hub_repo(name) else name
-        where = f" (the local directory `{ref}` in the configuration below)" if _is_local_ref(ref) else ""
+        where = " (a local model directory, named so in the configuration below)" if _is_local_ref(ref) else ""
         lines.append(f"* {link}{where}")
     lines += ["", "### Resulting Model", ""]
     layers_in = metrics.get("num_layers_in") or {}
@@ -302,7 +320,7 @@ def _merge_section(run: RunRecord) -> list[str]:
         "The following YAML configuration was used to produce this model:",
         "",
         "```yaml",
-        run.merge_yaml.rstrip("\n"),
+        published_merge_yaml(run).rstrip("\n"),
         "```",
     ]
     return lines
@@ -414,8 +432,6 @@ def _evaluation_section(run: RunRecord) -> list[str]:
     lines = ["## Evaluation", ""]
     if not run.results:
         return lines + ["This run has no evaluation (its eval stage did not run)."]
-    from pipeline.evaluation.results import results_markdown
-
     stages, chance = run.results["stages"], run.results.get("chance") or {}
     lines += [
         "Every stage's model on the same held-out data, computed by the pipeline's eval stage "

@@ -10,22 +10,24 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-
 from pipeline.config import STAGES
-from pipeline.log import log
-from pipeline.release.record import MERGEKIT_CONFIG_NAME
 from pipeline.errors import ConfigError
-from pipeline.release.card import render_card
+from pipeline.evaluation.results import write_results
 from pipeline.fsutil import atomic_output_dir, atomic_write_text
+from pipeline.log import log
 from pipeline.manifest import stage_dir
-from pipeline.release.record import CARD_NAME
-from pipeline.release.record import PICKLE_SUFFIXES
-from pipeline.release.record import RELEASE_DIR_NAME
-from pipeline.release.record import RESULTS_FILES
-from pipeline.release.record import RunRecord
-from pipeline.release.record import EXCLUDE_DIRS
-from pipeline.release.record import EXCLUDE_NAMES
-from pipeline.release.record import load_run
+from pipeline.release.card import published_merge_yaml, render_card
+from pipeline.release.record import (
+    CARD_NAME,
+    EXCLUDE_DIRS,
+    EXCLUDE_NAMES,
+    MERGEKIT_CONFIG_NAME,
+    PICKLE_SUFFIXES,
+    RELEASE_DIR_NAME,
+    RESULTS_FILES,
+    RunRecord,
+    load_run,
+)
 
 
 def _excluded(rel: Path) -> Optional[str]:
@@ -109,10 +111,8 @@ def write_release_docs(run: RunRecord, out: Path, card: Optional[str] = None) ->
     out.mkdir(parents=True, exist_ok=True)
     written = [out / CARD_NAME, out / MERGEKIT_CONFIG_NAME]
     atomic_write_text(out / CARD_NAME, card if card is not None else render_card(run))
-    atomic_write_text(out / MERGEKIT_CONFIG_NAME, run.merge_yaml)
+    atomic_write_text(out / MERGEKIT_CONFIG_NAME, published_merge_yaml(run))
     if run.results:
-        from pipeline.evaluation.results import write_results
-
         write_results(run.results["stages"], out, chance=run.results.get("chance") or {})
         written += [out / n for n in RESULTS_FILES]
     for name in run.plots:
