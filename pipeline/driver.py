@@ -23,11 +23,19 @@ from pipeline.errors import ConfigError, StageFailed
 from pipeline.fsutil import atomic_output_dir, fsync_tree, partial_dir_for
 from pipeline.log import log
 from pipeline.manifest import (
-    Manifest, latest_model_stage, new_manifest, read_manifest, resolve_model_dir, stage_dir, stage_key, write_manifest,
+    Manifest,
+    latest_model_stage,
+    new_manifest,
+    read_manifest,
+    resolve_model_dir,
+    stage_dir,
+    stage_key,
+    write_manifest,
 )
 from pipeline.stages import selected_stages, training_stage
 from pipeline.stages.eval import objective
 from pipeline.stages.stage import Stage
+from pipeline.training.distributed import init_distributed_state
 from pipeline.training.launch import RESOLVED_CONFIG, run_ranks
 from pipeline.training.runner import run_training_on_rank
 
@@ -99,8 +107,6 @@ def report_end(cfg: PipelineConfig, results: dict) -> None:
 def run_training_under_launcher(cfg: PipelineConfig) -> None:
     """``accelerate launch -m pipeline stage=cpt``: the user started the ranks, so every rank runs
     this; rank 0 does the driver's part (temporary directory, manifest, rename) around the training."""
-    from pipeline.training.distributed import init_distributed_state
-
     stage = training_stage(cfg.stage)
     state = init_distributed_state()
     inputs = stage.inputs(cfg)

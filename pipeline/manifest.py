@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config import STAGES, REPO_ROOT
+from pipeline.config import REPO_ROOT, STAGES
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_json, hash_text
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.log import log
+from pipeline.release.package import build_release, regenerate_card
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="rebuild the whole release directory, model files included (hard links)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline.release.package import build_release, regenerate_card
-
     try:
         if args.with_model:
             out = build_release(args.run_dir, args.out)

@@ -27,7 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
 from pipeline.fsutil import fmt_bytes
+from pipeline.training.callbacks import training_flops_per_token
 
 # Share of the device's peak FLOP/s a well-tuned dense-LM training run reaches (PaLM reports 46%,
 # Llama-2-scale runs 38-43% on A100/H100); 40% is a round middle. Real runs on small models or
@@ -277,8 +279,6 @@ def estimate_stage(*, stage: str, shape: ModelShape, num_layers: int, n_params: 
                    offload_param: bool, export_bytes: int, dataset_tokens: Optional[float],
                    peak: tuple[Optional[float], str]) -> StageEstimate:
     from types import SimpleNamespace
-
-    from pipeline.training.callbacks import training_flops_per_token
 
     mem = model_state_bytes(n_params=n_params, n_trainable=n_trainable, weight_bytes=weight_bytes,
                             zero_stage=zero_stage, world_size=world_size, offload_optimizer=offload_optimizer,

@@ -29,12 +29,13 @@ from typing import Callable, Mapping
 
 from pipeline.config import DistributedConfig, PipelineConfig
 from pipeline.driver import join_training_stage
+from pipeline.errors import ConfigError, StageFailed
+from pipeline.fsutil import atomic_write_json
+from pipeline.log import log
 from pipeline.manifest import read_manifest, stage_dir
 from pipeline.stages import get_stage, selected_stages
 from pipeline.stages.stage import TrainingStage
 from pipeline.training.launch import RESOLVED_CONFIG
-from pipeline.log import log
-from pipeline.errors import ConfigError, StageFailed
 
 # Written by the leader when its driver fails, so followers stop waiting for inputs that will not come.
 LEADER_FAILED = "leader_failed.json"
@@ -127,8 +128,6 @@ def is_follower(cfg: PipelineConfig) -> bool:
 def record_leader_failure(cfg: PipelineConfig, error: BaseException) -> None:
     """Called by the leader when its driver fails, so followers stop waiting."""
     if cfg.distributed.num_machines > 1 and cfg.distributed.machine_rank == 0:
-        from pipeline.fsutil import atomic_write_json
-
         Path(cfg.paths.run_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(cfg.paths.run_dir) / LEADER_FAILED,
                           {"time": time.time(), "error": f"{type(error).__name__}: {error}"})

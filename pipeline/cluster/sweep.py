@@ -22,8 +22,9 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from pipeline.log import log
 from pipeline.fsutil import atomic_write_json, atomic_write_text, file_lock
+from pipeline.log import log
+from pipeline.manifest import stage_dir
 
 JOBS_DIR = ".jobs"
 SUMMARY_MD = "sweep_summary.md"
@@ -60,8 +61,6 @@ def error_line(error: BaseException | None) -> str | None:
 
 def run_metrics(run_dir: Path | str) -> dict[str, float]:
     """Held-out perplexity of each evaluated stage, from ``<run_dir>/04_eval/results.json``."""
-    from pipeline.manifest import stage_dir
-
     results = stage_dir(run_dir, "eval") / "results.json"
     if not results.is_file():
         return {}

@@ -367,8 +367,6 @@ def pack_documents(docs: list[list[int]], seq_len: int) -> PackedBlocks:
 
 def check_data_files(files: list[str], *, field: str, column: str, column_field: str, txt_ok: bool, what: str) -> None:
     """Each file exists (or is a reachable hub dataset), is not empty, and has ``column``."""
-    from pipeline.data import check_data_file, is_hub_dataset_name, read_rows, require_hub_access
-
     if not files:
         raise ConfigError(field, "is empty", f"list the {what}")
     for name in files:

@@ -14,9 +14,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.hub import datasets_offline, env_true
+from pipeline.evaluation.metrics import (
+    AVERAGE_KEY,
+    DEFAULT_MC_FILE,
+    LOCAL_TASKS,
+    LOCAL_TASKS_DIR,
+)
 from pipeline.fsutil import atomic_write_text
-from pipeline.evaluation.metrics import AVERAGE_KEY, LOCAL_TASKS_DIR, LOCAL_TASKS, DEFAULT_MC_FILE
+from pipeline.hub import datasets_offline, env_true
 
 
 def _require_lm_eval():

@@ -27,7 +27,7 @@ import torch
 from pipeline import metric_names as M
 from pipeline.config import REPO_ROOT
 from pipeline.data import tokenize_records
-from pipeline.data.chat import assistant_token_mask, has_generation_markers
+from pipeline.data.chat import assistant_token_mask
 from pipeline.errors import ConfigError
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -137,23 +137,14 @@ def assistant_token_loss(
 ) -> dict:
     """Mean NLL over the assistant tokens of conversations: ``{"loss", "perplexity", "tokens", ...}``.
 
-    Each conversation goes through the tokenizer's chat template with
-    ``return_assistant_tokens_mask=True`` and is cut to its first ``max_length`` tokens (as sft
-    truncates); only tokens inside the template's ``{% generation %}`` blocks count, predicted from
-    everything before them. Loss is averaged over tokens (long replies weigh more), like TRL's
-    ``assistant_only_loss``. The first ``max_examples`` conversations are used when > 0;
+    Each conversation gets the masks sft trains on (``pipeline.data.chat.assistant_token_mask``:
+    any chat template, each mask verified) and is cut to its first ``max_length`` tokens (as sft
+    truncates); only the assistant replies and their end-of-turn tokens count, predicted from
+    everything before them. Loss is averaged over tokens (long replies weigh more), as sft's
+    training loss is. The first ``max_examples`` conversations are used when > 0;
     ``examples`` counts those scored, ``skipped`` those with no assistant token left after
     truncation. Score every stage with the same tokenizer so the numbers compare.
     """
-    template = tokenizer.chat_template
-    if not has_generation_markers(template):
-        raise ConfigError(
-            "tokenizer.chat_template",
-            "has no {% generation %} ... {% endgeneration %} markers" if template else "is not set",
-            "the assistant-token loss needs a chat template that wraps each assistant reply in "
-            "{% generation %}...{% endgeneration %} (as pipeline/demo.py's CHAT_TEMPLATE does); "
-            "set one on the tokenizer, or leave eval.max_sft_heldout_examples / sft data out",
-        )
     if max_length < 2:
         raise ConfigError("sft.max_length", f"must be >= 2, got {max_length}")
     if batch_size < 1:
@@ -161,8 +152,9 @@ def assistant_token_loss(
     convs = conversations[:max_examples] if max_examples > 0 else conversations
     examples: list[tuple[list[int], list[int]]] = []
     skipped = 0
-    for conv in convs:
-        ids, mask = assistant_token_mask(tokenizer, conv, max_length=max_length)
+    for index, conv in enumerate(convs):
+        ids, mask = assistant_token_mask(tokenizer, conv, max_length=max_length,
+                                         where=f"eval: held-out sft conversation {index}")
         if not any(mask[1:]):
             skipped += 1
             continue

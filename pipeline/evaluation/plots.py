@@ -8,13 +8,8 @@ import json
 import math
 from pathlib import Path
 from typing import Mapping
-from pipeline.evaluation.results import COLUMN_LABELS
-from pipeline.evaluation.results import format_metric
-from pipeline.evaluation.results import stage_order
-from pipeline.evaluation.results import stderr_key
-from pipeline.evaluation.results import metric_columns
 
-
+from pipeline.evaluation.results import COLUMN_LABELS, format_metric, metric_columns, stage_order, stderr_key
 
 
 def read_log_history(stage_dir: Path | str) -> list[dict]:

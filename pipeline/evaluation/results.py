@@ -7,10 +7,9 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
-
 from pipeline.config import STAGES
+from pipeline.evaluation.metrics import AVERAGE_KEY, HELDOUT, RESULTS_JSON, RESULTS_MD, SFT_HELDOUT
 from pipeline.fsutil import atomic_write_json, atomic_write_text
-from pipeline.evaluation.metrics import HELDOUT, SFT_HELDOUT, AVERAGE_KEY, RESULTS_JSON, RESULTS_MD
 
 
 def stage_order(stages: Iterable[str]) -> list[str]:

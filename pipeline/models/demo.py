@@ -52,13 +52,7 @@ from pipeline.data import (
 )
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.evaluation.metrics import heldout_perplexity
-from pipeline.fsutil import (
-    atomic_output_dir,
-    atomic_write_json,
-    file_lock,
-    hash_path,
-    hash_text,
-)
+from pipeline.fsutil import atomic_output_dir, atomic_write_json, file_lock, hash_path, hash_text
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +100,7 @@ def train_demo_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, *
     ``vocab_size`` includes the 256 byte symbols and the special tokens; on a small text the BPE
     trainer may stop below it (``len(tokenizer)`` is the real size).
     """
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     min_vocab = 256 + len(SPECIAL_TOKENS)

@@ -33,16 +33,7 @@ from pipeline import hub
 from pipeline.config import STAGES
 from pipeline.data import is_hub_dataset_name
 from pipeline.evaluation.results import results_markdown
-from pipeline.release.record import (
-    BASE_TAGS,
-    CARD_NAME,
-    HUB_REPO,
-    MERGEKIT_URL,
-    PAPER_URL,
-    PLOTS,
-    RunRecord,
-    load_run,
-)
+from pipeline.release.record import BASE_TAGS, CARD_NAME, HUB_REPO, MERGEKIT_URL, PAPER_URL, PLOTS, RunRecord, load_run
 
 
 def _is_local_ref(ref: str) -> bool:

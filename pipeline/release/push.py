@@ -9,12 +9,11 @@ import re
 from pathlib import Path
 from typing import Optional
 
-
 from pipeline import hub
-from pipeline.log import log
 from pipeline.errors import ConfigError
+from pipeline.log import log
 from pipeline.release.package import check_model_files
-from pipeline.release.record import CARD_NAME, PICKLE_SUFFIXES, EXCLUDE_DIRS, format_size
+from pipeline.release.record import CARD_NAME, EXCLUDE_DIRS, PICKLE_SUFFIXES, format_size
 
 
 def check_push_settings(*, repo_id: Optional[str], dry_run: bool, token_env: str = "HF_TOKEN") -> None:

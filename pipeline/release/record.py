@@ -5,7 +5,6 @@ read from the run directory alone.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,6 @@ import yaml
 from pipeline.config import STAGES
 from pipeline.errors import ConfigError
 from pipeline.manifest import Manifest, read_manifest, resolve_model_dir, stage_dir
-
 
 RELEASE_DIR_NAME = "release"
 

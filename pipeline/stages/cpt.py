@@ -13,9 +13,9 @@ from typing import Sequence
 
 from pipeline.config import PipelineConfig
 from pipeline.data.cpt_cache import BLOCK_COLUMNS, CPTData, cpt_sources, prepare_cpt_data, prepare_streaming_cpt_data
-from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest, stage_dir
+from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.training.callbacks import RecordingCollator
 from pipeline.training.model import freeze_except, layers_added_by_merge, load_causal_lm, trainer_kwargs
 

@@ -13,17 +13,21 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline import metric_names as M
-
-from pipeline.config import PipelineConfig
-from pipeline.data import conversation_key, is_heldout, iter_text_records, load_conversations, split_records
-from pipeline.log import log
-from pipeline.config import STAGES, TRAINING_STAGES
-from pipeline.data import check_data_files
+from pipeline.config import STAGES, TRAINING_STAGES, PipelineConfig
+from pipeline.data import (
+    check_data_files,
+    conversation_key,
+    is_heldout,
+    iter_text_records,
+    load_conversations,
+    split_records,
+)
 from pipeline.errors import ConfigError
 from pipeline.evaluation.harness import check_tasks_available, mc_chance_accuracy, run_lm_eval, write_text_jsonl
 from pipeline.evaluation.metrics import evaluate_model
 from pipeline.evaluation.plots import plot_tasks, plot_training, read_log_history
 from pipeline.evaluation.results import write_results
+from pipeline.log import log
 from pipeline.manifest import Manifest, StageInput, read_manifest, resolve_model_dir, stage_dir
 from pipeline.stages.sft import check_sft_files
 from pipeline.stages.stage import BaseStage, StageOutput

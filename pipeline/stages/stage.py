@@ -26,6 +26,7 @@ from typing import Any, Optional, Protocol, Sequence
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.fsutil import hash_path
 from pipeline.manifest import StageInput, latest_model_stage, resolve_model_dir
+from pipeline.training.launch import launch_training
 
 
 @dataclass
@@ -119,6 +120,4 @@ class TrainingStage(BaseStage):
         raise NotImplementedError
 
     def run(self, cfg: PipelineConfig, *, inputs: list[StageInput], out_dir: Path) -> StageOutput:
-        from pipeline.training.launch import launch_training
-
         return StageOutput(metrics=launch_training(self, cfg, out_dir=out_dir))

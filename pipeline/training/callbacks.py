@@ -12,7 +12,6 @@ import time
 import torch
 from transformers import TrainerCallback
 
-
 # Dense bf16 peak FLOP/s per device, for MFU. Source: vendor datasheets (SXM parts, no sparsity).
 PEAK_BF16_FLOPS = {
     "H100": 989e12,

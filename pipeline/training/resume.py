@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.fsutil import atomic_write_json, atomic_write_text, fsync_tree
 from pipeline.manifest import stage_key
+from pipeline.training.distributed import clean_child_env
 
 CHECKPOINT_INFO = "dus_checkpoint.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -227,8 +228,6 @@ def to_universal(checkpoint: Path, *, log: Callable[[str], None]) -> Path:
     tmp = checkpoint / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    from pipeline.training.distributed import clean_child_env
-
     t0 = time.time()
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint / tag),
            "--output_folder", str(tmp), "--inject_missing_state"]

@@ -35,7 +35,12 @@ from pipeline.training.callbacks import PreemptionCallback, ThroughputCallback, 
 from pipeline.training.distributed import init_distributed_state, load_deepspeed_config
 from pipeline.training.model import attn_implementation, finalize_model_files, numel, use_bf16
 from pipeline.training.resume import (
-    CheckpointBookkeeping, FaultInjection, ResumePlan, complete_checkpoints, plan_resume, resume_key,
+    CheckpointBookkeeping,
+    FaultInjection,
+    ResumePlan,
+    complete_checkpoints,
+    plan_resume,
+    resume_key,
 )
 from pipeline.training.verify import fixed_batch_loss, verify_in_fresh_process
 

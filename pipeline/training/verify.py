@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import StageFailed
+from pipeline.training.distributed import clean_child_env
 
 
 def main() -> None:
@@ -67,12 +68,36 @@ def fixed_batch_loss(model, batch: dict[str, list[list[int]]]) -> float:
     return loss
 
 
+def predicted_tokens(batch: dict[str, list[list[int]]]) -> int:
+    """Labels a causal LM is scored on in ``batch``: those != -100 past each row's first position
+    (the model shifts labels by one, so a label at position 0 is never predicted)."""
+    labels = batch.get("labels")
+    if labels is None:  # the model's loss then scores every next token
+        return sum(max(len(row) - 1, 0) for row in batch["input_ids"])
+    return sum(1 for row in labels for label in row[1:] if label != -100)
+
+
+def check_fixed_batch_loss(batch: dict[str, list[list[int]]], *, trained_loss: float) -> None:
+    """Before comparing with a reload: a fixed batch with nothing to score, or a trained model whose
+    loss is not finite, is reported as what it is (a reload cannot match a NaN, and calling that a
+    partial ZeRO-3 save would send the user to the wrong fix)."""
+    if predicted_tokens(batch) == 0:
+        raise StageFailed(
+            "the fixed verification batch has no trained token (every label is -100 after the shift), so its loss "
+            "is NaN and the export cannot be verified: the data or the assistant masks leave nothing to train "
+            "within the max length (raise max_length, or check the masks with python -m pipeline.data.chat_masking)")
+    if not math.isfinite(trained_loss):
+        raise StageFailed(
+            f"training ended with a non-finite loss on the fixed batch ({trained_loss}): the model diverged "
+            "(lower the learning rate, check the data for broken examples, or train in fp32/bf16 rather than "
+            "fp16); the saved files are not a verified export")
+
+
 def verify_in_fresh_process(model_dir: Path, batch_file: Path, *, expected_loss: float, bf16: bool,
                             attn: str, merge_adapter_onto: str | None = None) -> dict:
     """Reload the saved model in a new process (no ZeRO state, no shared memory with training)
-    and compare its fixed-batch loss with the trained model's."""
-    from pipeline.training.distributed import clean_child_env
-
+    and compare its fixed-batch loss with the trained model's (after ``check_fixed_batch_loss``)."""
+    check_fixed_batch_loss(json.loads(Path(batch_file).read_text()), trained_loss=expected_loss)
     cmd = [sys.executable, "-m", "pipeline.training.verify", str(model_dir), str(batch_file),
            "--bf16" if bf16 else "--fp32", "--attn", attn]
     if merge_adapter_onto:
