@@ -319,3 +319,54 @@ def test_exl2_backend_refuses_without_cuda(tmp_path):
         pytest.skip("a CUDA device is present")
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         run_exl2(model_dir=tmp_path, out_dir=tmp_path / "exl2")
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage (pipeline/stages/quantize.py), called directly: registering it is the lead's wiring.
+# ----------------------------------------------------------------------------------------------
+
+def _stage_cfg(tmp_path: Path, **quantize):
+    from pipeline.config import PipelineConfig
+    from pipeline.stages.quantize import QuantizeConfig
+
+    cfg = PipelineConfig(run_name="tiny")
+    cfg.data.cpt_files = [str(DEMO_CORPUS)]
+    cfg.data.heldout_fraction = 0.05
+    cfg.paths.run_dir = str(tmp_path / "run")
+    cfg.quantize = QuantizeConfig(**quantize)
+    return cfg
+
+
+def test_quantize_stage_is_off_by_default_and_checks_its_section(tmp_path):
+    from pipeline.config import PipelineConfig
+    from pipeline.stages.quantize import QuantizeStage
+
+    stage = QuantizeStage()
+    assert not stage.enabled(PipelineConfig())
+    assert stage.enabled(_stage_cfg(tmp_path, backend="gguf"))
+    with pytest.raises(ConfigError, match="unknown GGUF quant type 'Q9_K'"):
+        stage.check(_stage_cfg(tmp_path, backend="gguf", rungs=["Q9_K"]), ["quantize"])
+    with pytest.raises(ConfigError, match="unknown backend 'awq'"):
+        stage.check(_stage_cfg(tmp_path, backend="awq"), ["quantize"])
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            stage.check(_stage_cfg(tmp_path, backend="exl2"), ["quantize"])
+
+
+def test_quantize_stage_runs_the_ladder_on_its_input_model(gpt2_llama_dir, tmp_path):
+    from pipeline.manifest import StageInput
+    from pipeline.stages.quantize import QuantizeStage
+
+    cfg = _stage_cfg(tmp_path, backend="gguf", rungs=["Q8_0"], window=128, max_eval_tokens=256,
+                     compare_with_transformers=False)
+    stage = QuantizeStage()
+    stage.check(cfg, ["quantize"])
+    out = tmp_path / "run" / ".06_quantize.partial"
+    out.mkdir(parents=True)
+    output = stage.run(cfg, inputs=[StageInput(role="model", stage="sft", path=str(gpt2_llama_dir), sha256="x")],
+                       out_dir=out)
+    assert output.model_dir is None
+    assert output.metrics["quantize/Q8_0/mean_kld"] < Q8_0_MAX_KLD
+    assert (out / "tiny-Q8_0.gguf").is_file() and (out / "ladder.md").is_file()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from pipeline.quantize.install import import_llama_cpp
 
 # The converter's own pre-tokenizer test string (conversion/base.py, get_vocab_base_pre): spaces,
 # tabs, newlines, emoji, digits, CJK, Khmer, Cyrillic, quotes and contractions. Checked in addition
@@ -39,8 +40,6 @@ class FidelityReport:
 def check_tokenizer_fidelity(*, hf_tokenizer, gguf_path: Path, texts: list[str], include_stress_text: bool = False,
                              max_chars: int = 200_000, where: str = "quantize (tokenizer)") -> FidelityReport:
     """Raise ConfigError at the first text whose llama.cpp ids differ from transformers' ids."""
-    from pipeline.quantize.install import import_llama_cpp
-
     llama_cpp = import_llama_cpp()
     vocab_model = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     try:

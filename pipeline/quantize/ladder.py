@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.data import tokenize_records
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.fsutil import atomic_write_json, hash_path
 from pipeline.quantize.convert import (CheckpointFacts, check_architecture, choose_reference_type, convert_to_gguf,
@@ -175,9 +176,7 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
     plan = plan_ladder(model_dir=model_dir, out_dir=out_dir, config=config, eval_texts=eval_texts,
                        calibration_texts=calibration_texts)
     llama_cpp = import_llama_cpp()
-    from transformers import AutoTokenizer
-
-    from pipeline.data import tokenize_records
+    from transformers import AutoTokenizer  # heavy: imported when a ladder is made, not on import
 
     out_dir.mkdir(parents=True, exist_ok=True)
     records_dir, logs_dir, scratch_dir = out_dir / ".records", out_dir / "logs", out_dir / ".scratch"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import atomic_write_json, atomic_write_text
 
 
 def ladder_markdown(result: dict) -> str:
@@ -77,8 +77,6 @@ def plot_ladder(result: dict, path: Path) -> None:
 
 
 def write_ladder_reports(result: dict, out_dir: Path, *, plot: bool) -> None:
-    from pipeline.fsutil import atomic_write_json
-
     atomic_write_json(out_dir / "ladder.json", result)
     atomic_write_text(out_dir / "ladder.md", ladder_markdown(result))
     if plot and result["rungs"]:

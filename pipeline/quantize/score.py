@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.quantize.install import import_llama_cpp
+
 # Rows of logits turned into log-probs / KL at a time (float64): bounds the scratch memory.
 ROWS_PER_STEP = 64
 
@@ -59,9 +61,8 @@ class LlamaCppScorer:
     """One GGUF loaded with all-position logits; ``window_logits`` gives (len-1) x vocab rows."""
 
     def __init__(self, *, gguf_path: Path, window: int, n_threads: int | None, kv_cache_f32: bool = True):
-        from pipeline.quantize.install import import_llama_cpp
-
         llama_cpp = import_llama_cpp()
+        self._llama_cpp = llama_cpp
         # llama.cpp keeps K and V in F16 by default; F32 here so that the only difference between
         # the reference and a rung is the weights (the F32 reference then matches transformers).
         kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_cache_f32 else {}
@@ -75,9 +76,8 @@ class LlamaCppScorer:
         return np.array(self.llm.scores[: len(tokens) - 1, : self.n_vocab], dtype=np.float32)
 
     def model_size_and_params(self) -> tuple[int, int]:
-        import llama_cpp
-
-        return int(llama_cpp.llama_model_size(self.llm.model)), int(llama_cpp.llama_model_n_params(self.llm.model))
+        lib = self._llama_cpp
+        return int(lib.llama_model_size(self.llm.model)), int(lib.llama_model_n_params(self.llm.model))
 
     def close(self) -> None:
         self.llm.close()

@@ -1,0 +1,149 @@
+"""The quantize stage (after eval, off by default): the final model as a ladder of quantized files,
+each measured against the unquantized model.
+
+``quantize=gguf`` (conf/quantize/gguf.yaml) makes the GGUF ladder with llama.cpp
+(``pipeline.quantize``): ``<run_dir>/NN_quantize/`` holds the unquantized reference GGUF, one
+``<model>-<TYPE>.gguf`` per rung, ``ladder.json`` / ``ladder.md`` / ``ladder.png`` (size, bpw,
+perplexity, KL divergence and top-1 agreement against the reference, on the run's held-out text)
+and, with IQ / ``+imatrix`` rungs, ``imatrix.gguf``. ``quantize=none`` (the default) skips it.
+``quantize.backend=exl2`` is refused on a machine without CUDA.
+
+The input model is the last model-producing stage's (from the manifests, as every stage). The
+held-out records are the eval stage's (``data.cpt_files`` split by ``data.heldout_fraction``); half
+of them (by a salted content hash) calibrate the importance matrix and the other half are scored,
+so the imatrix never sees the scored tokens.
+
+Needs llama-cpp-python built by ``scripts/build_llama_cpp.sh``. Tests: tests/test_quantize.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from pipeline.config import PipelineConfig
+from pipeline.data import check_data_files, is_heldout, iter_text_records
+from pipeline.errors import ConfigError
+from pipeline.fsutil import hash_path
+from pipeline.log import log
+from pipeline.manifest import StageInput
+from pipeline.quantize.data import split_eval_and_calibration
+from pipeline.quantize.exl2 import cuda_available
+from pipeline.quantize.install import find_llama_cpp
+from pipeline.quantize.ladder import GgufLadderConfig, run_gguf_ladder
+from pipeline.quantize.types import DEFAULT_LADDER, parse_ladder
+from pipeline.stages.stage import BaseStage, StageOutput, previous_model
+
+BACKENDS = ("none", "gguf", "exl2")
+
+
+@dataclass
+class QuantizeConfig:
+    """The ``quantize`` config section (conf/quantize/). Belongs in pipeline/config.py as
+    ``PipelineConfig.quantize`` (moved there verbatim when the stage is registered)."""
+
+    # none | gguf | exl2 (exl2 needs CUDA and is not implemented here yet).
+    backend: str = "none"
+    # llama-quantize type names; "TYPE+imatrix" for an imatrix rung (IQ1/IQ2/IQ3_XXS always get one).
+    rungs: List[str] = field(default_factory=lambda: list(DEFAULT_LADDER))
+    # auto = the checkpoint's own float type (bit-exact reference); or F32 / F16 / BF16.
+    reference_type: str = "auto"
+    # auto = llama.cpp's converter decides (GPT-2's rule for an exactly-GPT-2 byte-level BPE it does
+    # not know, e.g. the demo's); or a llama.cpp pre-tokenizer name. Token ids are checked either way.
+    pre_tokenizer: str = "auto"
+    window: int = 512
+    max_eval_tokens: int = 8192
+    imatrix_ctx: int = 512
+    imatrix_chunks: Optional[int] = 128
+    # Share of the held-out records used as imatrix calibration text (the rest is scored).
+    calibration_fraction: float = 0.5
+    n_threads: Optional[int] = None
+    compare_with_transformers: bool = True
+
+
+def quantize_section(cfg: PipelineConfig) -> QuantizeConfig:
+    """``cfg.quantize``, or the default (off) while PipelineConfig has no such section."""
+    section = getattr(cfg, "quantize", None)
+    if section is None:
+        return QuantizeConfig()
+    if isinstance(section, QuantizeConfig):
+        return section
+    return QuantizeConfig(**{k: getattr(section, k) for k in QuantizeConfig.__dataclass_fields__ if hasattr(section, k)})
+
+
+def ladder_config(section: QuantizeConfig, *, file_stem: str) -> GgufLadderConfig:
+    return GgufLadderConfig(rungs=list(section.rungs), reference_type=section.reference_type,
+                            pre_tokenizer=section.pre_tokenizer, window=section.window,
+                            max_eval_tokens=section.max_eval_tokens, imatrix_ctx=section.imatrix_ctx,
+                            imatrix_chunks=section.imatrix_chunks, n_threads=section.n_threads,
+                            compare_with_transformers=section.compare_with_transformers, file_stem=file_stem)
+
+
+def heldout_texts(cfg: PipelineConfig) -> list[str]:
+    """The eval stage's held-out corpus records (same split, same order)."""
+    return [r for name in cfg.data.cpt_files
+            for r in iter_text_records(name, text_column=cfg.data.text_column,
+                                       txt_document_separator=cfg.data.txt_document_separator,
+                                       max_record_chars=cfg.data.max_record_chars)
+            if is_heldout(r, cfg.data.heldout_fraction)]
+
+
+def ladder_metrics(result: dict) -> dict:
+    """Flat metrics for the manifest: ``quantize/<rung>/<metric>``."""
+    out = {"quantize/reference_type": result["reference"]["type"],
+           "quantize/reference_perplexity": result["reference"]["score"]["perplexity"]}
+    for r in result["rungs"]:
+        p = f"quantize/{r['label']}"
+        out.update({f"{p}/size_mb": r["file_mb"], f"{p}/bpw": r["bpw"], f"{p}/perplexity": r["score"]["perplexity"],
+                    f"{p}/mean_kld": r["score"]["mean_kld"], f"{p}/top1_agreement": r["score"]["top1_agreement"]})
+    return out
+
+
+class QuantizeStage(BaseStage):
+    name = "quantize"
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return quantize_section(cfg).backend != "none"
+
+    def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
+        section = quantize_section(cfg)
+        if section.backend not in BACKENDS:
+            raise ConfigError("quantize.backend", f"unknown backend '{section.backend}'", f"use one of {', '.join(BACKENDS)}")
+        if section.backend == "exl2":
+            if not cuda_available():
+                raise ConfigError("quantize.backend", "EXL2 (exllamav2) needs a CUDA GPU and none is available here",
+                                  "use quantize=gguf on CPU, or run on a CUDA machine")
+            raise ConfigError("quantize.backend", "the EXL2 backend is not implemented yet", "use quantize=gguf")
+        if section.backend == "none":
+            return
+        rungs = parse_ladder(section.rungs, field="quantize.rungs")
+        if not 0.0 < section.calibration_fraction < 1.0 and any(r.use_imatrix for r in rungs):
+            raise ConfigError("quantize.calibration_fraction", f"{section.calibration_fraction}",
+                              "use a share strictly between 0 and 1: imatrix rungs need calibration and scored text")
+        check_data_files(list(cfg.data.cpt_files), field="data.cpt_files", column=cfg.data.text_column,
+                         column_field="data.text_column", txt_ok=True, what="raw-text files (their held-out split is scored)")
+        find_llama_cpp()  # ConfigError naming scripts/build_llama_cpp.sh when it is not built
+
+    def inputs(self, cfg: PipelineConfig) -> list[StageInput]:
+        prev, manifest, model_dir = previous_model(cfg, self.name)
+        return [StageInput(role="model", stage=prev, path=model_dir, sha256=manifest.key),
+                *(StageInput(role="data", path=f, sha256=hash_path(f)) for f in cfg.data.cpt_files)]
+
+    def key_config(self, cfg: PipelineConfig) -> dict:
+        data = cfg.data
+        return {"quantize": asdict(quantize_section(cfg)),
+                "data": {"cpt_files": list(data.cpt_files), "text_column": data.text_column,
+                         "txt_document_separator": data.txt_document_separator,
+                         "max_record_chars": data.max_record_chars, "heldout_fraction": data.heldout_fraction}}
+
+    def run(self, cfg: PipelineConfig, *, inputs: list[StageInput], out_dir: Path) -> StageOutput:
+        section = quantize_section(cfg)
+        model = next(i for i in inputs if i.role == "model")
+        texts = split_eval_and_calibration(heldout_texts(cfg), calibration_fraction=section.calibration_fraction)
+        log(f"GGUF ladder of {model.stage}'s model: {', '.join(section.rungs)} ({len(texts.eval_texts)} scored, "
+            f"{len(texts.calibration_texts)} calibration records)", where="quantize")
+        result = run_gguf_ladder(model_dir=Path(model.path), out_dir=out_dir,
+                                 config=ladder_config(section, file_stem=cfg.run_name),
+                                 eval_texts=texts.eval_texts, calibration_texts=texts.calibration_texts)
+        return StageOutput(metrics=ladder_metrics(result), model_dir=None)
