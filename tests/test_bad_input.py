@@ -72,15 +72,17 @@ def test_text_file_without_the_text_column(base_cfg, tmp_path):
     expect_error(base_cfg, "data.text_column", "corpus.jsonl")
 
 
-def test_chat_template_without_generation_markers(base_cfg, tmp_path, tiny_base_model_dir):
+def test_chat_template_without_end_of_turn_token(base_cfg, tmp_path, tiny_base_model_dir):
+    """No {% generation %} markers are needed (pipeline.data.chat_masking finds the replies), but a
+    reply must end with one special token for the model to learn to stop."""
     import shutil
 
-    model = tmp_path / "no_markers"
+    model = tmp_path / "no_end_of_turn"
     shutil.copytree(tiny_base_model_dir, model)
     (model / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}")
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     base_cfg.model.name_or_path = str(model)
-    expect_error(base_cfg, "sft.assistant_only_loss", "generation")
+    expect_error(base_cfg, "row 0: message", "not with a single end-of-turn token")
 
 
 def test_all_problems_are_reported_at_once(base_cfg, tmp_path):
@@ -237,10 +239,10 @@ def _write_data(c: Case, name: str, text: str, *, sft: bool = False) -> str:
     return c.pipeline_error()
 
 
-def _no_markers(c: Case) -> str:
+def _no_end_of_turn(c: Case) -> str:
     d = c.model_copy()
     (d / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}")
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     c.cfg.model.name_or_path = str(d)
     return c.pipeline_error()
 
@@ -360,7 +362,7 @@ PRODUCERS = {
     "seq-len-over-context": lambda c: setattr(c.cfg.cpt, "seq_len", 4096) or c.pipeline_error(),
     "sft-length-over-context": lambda c: setattr(c.cfg.sft, "packing", True) or setattr(
         c.cfg.sft, "max_length", 1024) or c.pipeline_error(),
-    "no-generation-markers": _no_markers,
+    "no-end-of-turn-token": _no_end_of_turn,
     "offload-zero1": lambda c: _distributed(c, offload=True, zero_stage=1),
     "zero-stage-5": lambda c: _distributed(c, zero_stage=5),
     "zero-stage-mismatch": lambda c: _distributed(c, zero_stage=2,

@@ -136,12 +136,14 @@ def test_assistant_token_loss_counts_only_assistant_tokens(model_and_tokenizer, 
     assert short["tokens"] < out["tokens"]
 
 
-def test_assistant_token_loss_needs_generation_markers(model_and_tokenizer, conversations):
+def test_assistant_token_loss_refuses_a_template_without_end_of_turn_token(model_and_tokenizer, conversations):
+    """No {% generation %} markers needed (pipeline.data.chat_masking), but a reply closed by plain
+    text cannot be masked with its end-of-turn token: refused, naming the conversation."""
     model, tok = model_and_tokenizer
     template = tok.chat_template
     try:
         tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        with pytest.raises(ConfigError, match=r"\{% generation %\}"):
+        with pytest.raises(ConfigError, match=r"held-out sft conversation 0: .*single end-of-turn token"):
             ev_metrics.assistant_token_loss(model, tok, conversations, max_length=64, batch_size=2)
     finally:
         tok.chat_template = template

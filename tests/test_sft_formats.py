@@ -70,8 +70,8 @@ def test_unusable_rows_are_named_by_file_and_row(tmp_path, row, fmt, message):
 
 
 def test_preflight_checks_the_first_row_through_the_chat_template(tmp_path, tiny_base_model_dir):
-    """A sample row goes through the real formatting before anything runs: an alpaca file passes,
-    and a template whose generation markers wrap nothing is refused."""
+    """Sample rows go through the real masking before anything runs: an alpaca file passes, and a
+    template that does not write the assistant's reply is refused, naming the row."""
     import shutil
 
     from pipeline.checks.preflight import preflight
@@ -86,17 +86,17 @@ def test_preflight_checks_the_first_row_through_the_chat_template(tmp_path, tiny
 
     from pipeline.models.demo import CHAT_TEMPLATE
 
-    # Markers present but wrapping nothing: the template check passes, the sample does not.
+    # The assistant's reply is not written at all: nothing to train on, found on the sample row.
     wrapped = "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
     assert wrapped in CHAT_TEMPLATE
     model = tmp_path / "model"
     shutil.copytree(tiny_base_model_dir, model)
     tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = CHAT_TEMPLATE.replace(
-        wrapped, "{{- message['content'] + eos_token }}{%- generation %}{%- endgeneration %}")
+    tok.chat_template = CHAT_TEMPLATE.replace(wrapped, "{{- eos_token }}")
     tok.save_pretrained(model)
     cfg.model.name_or_path = str(model)
-    with pytest.raises(ConfigError, match="marks no assistant token in .*alpaca.jsonl row 0"):
+    with pytest.raises(ConfigError, match=r"alpaca.jsonl\) row 0: message 1 \(assistant\): the chat template does not "
+                                          "render this turn's content"):
         preflight(cfg)
 
 

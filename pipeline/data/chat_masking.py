@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.data import read_rows, sft_row_messages
 from pipeline.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -536,8 +537,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
 
     from transformers import AutoTokenizer
-
-    from pipeline.data import read_rows, sft_row_messages
 
     ap = argparse.ArgumentParser(prog="python -m pipeline.data.chat_masking", description=main.__doc__)
     ap.add_argument("tokenizer", help="a local model or tokenizer directory")

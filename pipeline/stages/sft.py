@@ -2,20 +2,40 @@
 merged into the saved weights when the export is verified). Loss on assistant tokens only by default.
 
 Conversations in any supported format (``pipeline.data``), rendered by the model's own chat
-template. Config group ``conf/sft/``; tests: tests/test_train.py, tests/test_sft_formats.py.
+template. With ``sft.assistant_only_loss`` (the default) the rows reach TRL pre-tokenized
+(``input_ids`` + ``assistant_masks``) from ``pipeline.data.chat_masking``: any chat template, with
+or without ``{% generation %}`` markers, Mistral through mistral-common, every row verified (a row
+whose mask cannot be verified is a ConfigError naming its file and row). TRL builds the labels from
+the masks; its own ``assistant_only_loss`` stays off (it refuses pre-tokenized rows).
+Config group ``conf/sft/``; tests: tests/test_train.py, tests/test_sft_formats.py,
+tests/test_chat_masking.py.
 """
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
-
 from typing import Sequence
 
 from pipeline.config import PipelineConfig
-from pipeline.data.chat import assistant_token_mask, has_generation_markers
-from pipeline.stages.stage import TrainerSetup, TrainingStage
-from pipeline.data import conversation_key, load_conversations, split_records
+from pipeline.data import (
+    check_data_file,
+    conversation_key,
+    is_hub_dataset_name,
+    load_conversations,
+    read_rows,
+    require_hub_access,
+    sft_row_messages,
+    split_records,
+)
+from pipeline.data.chat_masking import (
+    check_template_masks,
+    labels_from_mask,
+    masked_rows,
+    mistral_common_tokenizer_for,
+)
 from pipeline.errors import ConfigError
+from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.training.callbacks import RecordingCollator
 from pipeline.training.model import load_causal_lm, trainer_kwargs
 
@@ -23,27 +43,39 @@ FIXED_BATCH_EXAMPLES = 4
 
 
 def check_chat_template(tokenizer, *, assistant_only_loss: bool, source: str) -> None:
-    template = tokenizer.chat_template
-    if not template:
+    """A chat template is needed, except for a Mistral tokenizer with assistant-only loss (its
+    conversations are encoded by mistral-common). No markers are needed: the assistant tokens are
+    found by pipeline.data.chat_masking, and each sample row is checked by ``check_sft_sample_formatting``."""
+    if assistant_only_loss and mistral_common_tokenizer_for(tokenizer) is not None:
+        return
+    if not tokenizer.chat_template:
         raise ConfigError(
             f"tokenizer of {source}", "has no chat template",
             "use a tokenizer with a chat template, or set tokenizer.chat_template before sft",
         )
-    if assistant_only_loss and not has_generation_markers(template):
-        raise ConfigError(
-            "sft.assistant_only_loss",
-            f"the chat template of {source} has no {{% generation %}} / {{% endgeneration %}} markers, so "
-            "assistant tokens cannot be found",
-            "add the markers around the assistant content in the template, or set sft.assistant_only_loss=false",
-        )
 
 
-def assistant_masked_batch(tokenizer, conversations: list[list[dict]], *, max_length: int) -> dict[str, list[list[int]]]:
-    """input_ids/attention_mask/labels for a few conversations, labels only on assistant tokens."""
-    rows = []
-    for conv in conversations:
-        ids, mask = assistant_token_mask(tokenizer, conv, max_length=max_length)
-        rows.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
+def load_named_conversations(cfg: PipelineConfig) -> tuple[list[list[dict]], list[str]]:
+    """The sft conversations (as ``load_conversations`` reads them) and, for each, the file and row
+    it came from ("data.sft_files (a.jsonl) row 3"), so that a row refused later is named."""
+    conversations: list[list[dict]] = []
+    names: list[str] = []
+    for name in cfg.data.sft_files:
+        try:
+            part = load_conversations([name], messages_column=cfg.data.messages_column, sft_format=cfg.data.sft_format)
+        except ConfigError as e:
+            if e.problem.endswith("contain no conversations"):
+                continue  # an empty file adds nothing, as when all files are read at once
+            raise
+        conversations.extend(part)
+        names.extend(f"data.sft_files ({name}) row {i}" for i in range(len(part)))  # one conversation per row
+    if not conversations:
+        raise ConfigError("data.sft_files", f"{list(cfg.data.sft_files)} contain no conversations")
+    return conversations, names
+
+
+def padded_batch(tokenizer, rows: list[tuple[list[int], list[int]]]) -> dict[str, list[list[int]]]:
+    """input_ids/attention_mask/labels of (ids, labels) rows, right-padded to the longest."""
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return {
@@ -51,6 +83,22 @@ def assistant_masked_batch(tokenizer, conversations: list[list[dict]], *, max_le
         "attention_mask": [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows],
         "labels": [lab + [-100] * (width - len(lab)) for _, lab in rows],
     }
+
+
+def assistant_masked_batch(tokenizer, conversations: list[list[dict]], *, max_length: int,
+                           names: Sequence[str] | None = None) -> dict[str, list[list[int]]]:
+    """input_ids/attention_mask/labels for a few conversations, labels only on the verified
+    assistant tokens (pipeline.data.chat_masking, the same rows TRL trains on). Conversations with
+    no label a causal LM can predict (the first token has no prediction) are left out; none left
+    is a ConfigError, since the hand-off check would compare two NaN losses."""
+    built = masked_rows(tokenizer, conversations, max_length=max_length, where="sft fixed batch", row_names=names)
+    rows = [(r["input_ids"], labels_from_mask(input_ids=r["input_ids"], assistant_mask=r["assistant_masks"]))
+            for r in built.rows if any(r["assistant_masks"][1:])]
+    if not rows:
+        raise ConfigError("sft.max_length", f"none of the {len(conversations)} fixed-batch conversations keeps an "
+                          f"assistant token within the first {max_length} tokens",
+                          "raise sft.max_length, or shorten the first turns of the data")
+    return padded_batch(tokenizer, rows)
 
 
 def build_sft_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, checkpoint_dir: Path,
@@ -61,18 +109,45 @@ def build_sft_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
 
     sc = cfg.sft
     check_chat_template(tokenizer, assistant_only_loss=sc.assistant_only_loss, source=input_model)
-    conversations = load_conversations(list(cfg.data.sft_files), messages_column=cfg.data.messages_column,
-                                       sft_format=cfg.data.sft_format)
+    conversations, names = load_named_conversations(cfg)
+    name_of = {}
+    for conv, name in zip(conversations, names):
+        name_of.setdefault(conversation_key(conv), name)
     split = split_records(conversations, cfg.data.heldout_fraction, conversation_key)
-    train_ds = datasets.Dataset.from_list([{"messages": c} for c in split.train])
-    fixed_batch = assistant_masked_batch(tokenizer, (split.heldout or split.train)[:FIXED_BATCH_EXAMPLES],
-                                         max_length=sc.max_length)
+    fixed_convs = (split.heldout or split.train)[:FIXED_BATCH_EXAMPLES]
+    fixed_names = [name_of[conversation_key(c)] for c in fixed_convs]
+    mask_stats: dict = {}
+    if sc.assistant_only_loss:
+        # Every row masked and verified here, before the model is loaded; the held-out rows too
+        # (the eval stage scores them with the same masks).
+        train = masked_rows(tokenizer, split.train, max_length=sc.max_length,
+                            row_names=[name_of[conversation_key(c)] for c in split.train])
+        masked_rows(tokenizer, split.heldout, max_length=sc.max_length,
+                    row_names=[name_of[conversation_key(c)] for c in split.heldout])
+        if not train.rows:
+            raise ConfigError("sft.max_length", f"none of the {train.examples} training conversations keeps an "
+                              f"assistant token within the first {sc.max_length} tokens",
+                              "raise sft.max_length, or shorten the first turns of the data")
+        train_ds = datasets.Dataset.from_list(train.rows)
+        fixed_batch = assistant_masked_batch(tokenizer, fixed_convs, max_length=sc.max_length, names=fixed_names)
+        mask_stats = {"rows_dropped_no_trained_token": train.dropped_no_trained_token,
+                      "rows_truncated": train.truncated, "trained_tokens": train.trained_tokens}
+    else:
+        # Loss on every token: TRL renders the conversations itself; the fixed batch is scored the same way.
+        train_ds = datasets.Dataset.from_list([{"messages": c} for c in split.train])
+        rows = []
+        for conv, name in zip(fixed_convs, fixed_names):
+            ids = list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])[:sc.max_length]
+            rows.append((ids, list(ids)))
+        fixed_batch = padded_batch(tokenizer, rows)
 
     kwargs = trainer_kwargs(sc, output_dir=checkpoint_dir, ds_config=ds_config, bf16=bf16)
     kwargs.update(
         remove_unused_columns=True,
         max_length=sc.max_length,
-        assistant_only_loss=sc.assistant_only_loss,
+        # TRL applies the pre-tokenized rows' assistant_masks itself; its own assistant_only_loss
+        # needs {% generation %} markers and refuses pre-tokenized rows.
+        assistant_only_loss=False,
         packing=sc.packing,
         dataset_num_proc=None,
     )
@@ -89,15 +164,13 @@ def build_sft_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
                          peft_config=peft_config)
     collator = RecordingCollator(trainer.data_collator)
     trainer.data_collator = collator
-    data_stats = {"train_examples": len(split.train), "heldout_examples": len(split.heldout)}
+    data_stats = {"train_examples": len(split.train), "heldout_examples": len(split.heldout), **mask_stats}
     return TrainerSetup(trainer=trainer, collator=collator, fixed_batch=fixed_batch, data_stats=data_stats,
                         seq_len=sc.max_length, saves_adapter=sc.use_lora)
 
 
 def first_sft_rows(cfg: PipelineConfig) -> list[tuple[str, dict]]:
     """(file, first row) of each local sft file (hub datasets are checked for access only)."""
-    from pipeline.data import check_data_file, is_hub_dataset_name, read_rows, require_hub_access
-
     out = []
     for name in cfg.data.sft_files:
         if is_hub_dataset_name(name):
@@ -116,8 +189,6 @@ def first_sft_rows(cfg: PipelineConfig) -> list[tuple[str, dict]]:
 
 def check_sft_files(cfg: PipelineConfig) -> None:
     """Each sft file's first row converts to a conversation in its (detected) format."""
-    from pipeline.data import sft_row_messages
-
     if not cfg.data.sft_files:
         raise ConfigError("data.sft_files", "is empty", "list the conversation files for sft")
     for name, row in first_sft_rows(cfg):
@@ -125,24 +196,32 @@ def check_sft_files(cfg: PipelineConfig) -> None:
                          where=f"data.sft_files ({name}) row 0")
 
 
-def check_sft_sample_formatting(cfg: PipelineConfig, tokenizer, source: str) -> None:
-    """A sample row through the real formatting: the chat template applied and, with assistant-only
-    loss, assistant tokens found (a template whose markers wrap nothing trains on nothing)."""
-    from pipeline.data import sft_row_messages
+# Rows of each local sft file that preflight puts through the real masking (cheap: no model).
+PREFLIGHT_ROWS_PER_FILE = 8
 
-    for name, row in first_sft_rows(cfg):
-        msgs = sft_row_messages(row, fmt=cfg.data.sft_format, messages_column=cfg.data.messages_column,
-                                where=f"data.sft_files ({name}) row 0")
-        try:
-            enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=cfg.sft.assistant_only_loss)
-        except Exception as e:  # noqa: BLE001 - jinja/template errors come in many types; the user needs the cause
-            raise ConfigError(f"tokenizer of {source}", f"its chat template fails on {name} row 0 ({type(e).__name__}: {e})",
-                              "fix the template or the data's roles") from None
-        if cfg.sft.assistant_only_loss and not any(enc["assistant_masks"]):
-            raise ConfigError("sft.assistant_only_loss",
-                              f"the chat template of {source} marks no assistant token in {name} row 0",
-                              "put {% generation %} ... {% endgeneration %} around the assistant content")
+
+def check_sft_sample_formatting(cfg: PipelineConfig, tokenizer, source: str) -> None:
+    """The first rows of each local file through the real formatting: with assistant-only loss, the
+    masks sft trains on, each verified (pipeline.data.chat_masking: the reply's tokens found and
+    decoded back, the end-of-turn token found); otherwise the chat template applied."""
+    for name in cfg.data.sft_files:
+        if is_hub_dataset_name(name):
+            continue
+        path = check_data_file(name, field="data.sft_files")
+        rows = list(islice(read_rows(path, field="data.sft_files"), PREFLIGHT_ROWS_PER_FILE))
+        names = [f"data.sft_files ({name}) row {i}" for i in range(len(rows))]
+        msgs = [sft_row_messages(row, fmt=cfg.data.sft_format, messages_column=cfg.data.messages_column, where=where)
+                for row, where in zip(rows, names)]
+        if cfg.sft.assistant_only_loss:
+            check_template_masks(tokenizer, msgs, where=f"data.sft_files ({name})", max_length=cfg.sft.max_length,
+                                 row_names=names)
+            continue
+        for conv, where in zip(msgs, names):
+            try:
+                tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)
+            except Exception as e:  # noqa: BLE001 - jinja/template errors come in many types; the user needs the cause
+                raise ConfigError(f"tokenizer of {source}", f"its chat template fails on {where} ({type(e).__name__}: {e})",
+                                  "fix the template or the data's roles") from None
 
 
 class SFTStage(TrainingStage):
@@ -152,8 +231,8 @@ class SFTStage(TrainingStage):
         return list(cfg.data.sft_files)
 
     def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
-        """The files' first rows convert to conversations, and (for a local base model) its chat
-        template renders a sample row with assistant tokens found."""
+        """The files' first rows convert to conversations, and (for a local base model) the first
+        rows of each file go through the real masking, verified."""
         check_sft_files(cfg)
         src = cfg.model.name_or_path
         if cfg.model.demo is not None or not (Path(src) / "config.json").is_file():
