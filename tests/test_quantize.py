@@ -127,8 +127,13 @@ def test_ladder_reports_and_no_leftovers(ladder_result):
     assert "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | wall s |" in md and "| Q4_K_M |" in md
     assert (out / "ladder.png").stat().st_size > 1000
     assert not list(out.glob(".*.partial")) and not (out / ".scratch").exists()
-    # Nothing meant for publishing names a local absolute path.
-    assert str(out) not in (out / "ladder.json").read_text() and str(Path.home()) not in md
+    # Nothing meant for publishing names a local absolute path (the model, output and calibration
+    # files all live under this session's pytest directory).
+    local = str(out.parent.parent)
+    assert local not in (out / "ladder.json").read_text() and local not in md
+    for published in [*out.glob("*.gguf")]:
+        assert local.encode() not in published.read_bytes(), published.name
+    assert (out / "imatrix.gguf").is_file()
 
 
 @pytest.mark.slow

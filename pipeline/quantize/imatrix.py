@@ -75,13 +75,15 @@ def compute_imatrix(*, install: LlamaCppInstall, reference_gguf: Path, calibrati
     out = work_dir / "imatrix.gguf"
     # llama-imatrix needs at least two windows of n_ctx tokens; the caller sizes n_ctx from the
     # calibration token count (same tokenizer: the fidelity check proved the ids equal).
-    cmd = [str(tool), "-m", str(reference_gguf), "-f", str(calib), "-o", str(out), "-c", str(n_ctx), "-b", str(n_ctx),
-           "--no-ppl", "--output-format", "gguf"]
+    # Run in work_dir with relative names: the tool records the calibration file's name in the
+    # imatrix's metadata, and a published imatrix.gguf must not carry a local absolute path.
+    cmd = [str(tool), "-m", str(Path(reference_gguf).absolute()), "-f", calib.name, "-o", out.name, "-c", str(n_ctx),
+           "-b", str(n_ctx), "--no-ppl", "--output-format", "gguf"]
     if n_threads:
         cmd += ["-t", str(n_threads)]
     if max_chunks:
         cmd += ["--chunks", str(max_chunks)]
-    proc = subprocess.run(cmd, env=install.tool_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=work_dir, env=install.tool_env(), capture_output=True, text=True)
     if log_path is not None:
         log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not out.is_file():
