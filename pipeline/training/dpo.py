@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.preference import tokenize_pair
 from pipeline.errors import ConfigError
+from pipeline.fsutil import atomic_output_dir, atomic_write_json, hash_text
 
 # trl 1.16 DPOConfig.loss_type values (dpo_config.py docstring and the dispatch in DPOTrainer._compute_loss).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -139,8 +141,6 @@ def pairs_dataset(pairs: list[dict], *, shared_dir: Path | None):
     state = PartialState()
     if shared_dir is None or state.num_processes == 1:
         return ds
-    from pipeline.fsutil import atomic_output_dir, hash_text
-
     target = Path(shared_dir) / hash_text(json.dumps(pairs, sort_keys=True))[:16]
     if state.is_main_process and not target.exists():
         with atomic_output_dir(target) as tmp:
@@ -169,16 +169,18 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
     if not pairs:
         raise ConfigError("dpo.max_prompt_length", f"drops all {len(train_pairs)} training pairs",
                           "raise it (or dpo.max_length), or leave it null")
-    args = TrlDPOConfig(
-        **{"gradient_checkpointing": False, "report_to": [], "remove_unused_columns": True, **trainer_args},
-        bf16=bf16,
-        beta=float(settings.beta),
-        max_length=settings.max_length,
-        precompute_ref_log_probs=settings.precompute_ref_log_probs,
-        dataset_num_proc=None,
+    args = TrlDPOConfig(**{
+        # TRL's own defaults (bf16, gradient checkpointing on) are not what a CPU run or our callers want.
+        "gradient_checkpointing": False, "report_to": [], "remove_unused_columns": True,
+        **trainer_args,
+        "bf16": bf16,
+        "beta": float(settings.beta),
+        "max_length": settings.max_length,
+        "precompute_ref_log_probs": settings.precompute_ref_log_probs,
+        "dataset_num_proc": None,
         **trl_loss_arguments(settings),
         **settings.extra_trl_args,
-    )
+    })
     model = load_policy(model_dir, bf16=bf16, attn=attn, trust_remote_code=trust_remote_code)
     ref_model, peft_config = None, None
     if settings.use_lora:
@@ -205,8 +207,6 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
 def preference_fixed_batch(tokenizer, pairs: list[dict], *, max_length: int) -> dict[str, list[list[int]]]:
     """input_ids/attention_mask/labels of a few pairs' chosen conversations, labels on the reply only:
     a fixed batch whose loss checks that a saved DPO model is the trained one (the hand-off check)."""
-    from pipeline.data.preference import tokenize_pair
-
     rows = []
     for p in pairs:
         t = tokenize_pair(tokenizer, p)
@@ -222,7 +222,5 @@ def preference_fixed_batch(tokenizer, pairs: list[dict], *, max_length: int) -> 
 
 
 def write_rank_record(path: Path, *, rank: int, world_size: int, served: list[str]) -> None:
-    from pipeline.fsutil import atomic_write_json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {"rank": rank, "world_size": world_size, "served": served})
