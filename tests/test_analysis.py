@@ -25,7 +25,7 @@ from pipeline.analysis import (  # noqa: E402
 from pipeline.analysis import recommend as recommend_module  # noqa: E402
 from pipeline.analysis.similarity import load_causal_lm  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.merge import MergeConfig, validate_merge  # noqa: E402
+from pipeline.merge import ARCHITECTURES, MergeConfig, validate_merge  # noqa: E402
 from pipeline.merge.testing import make_tiny_model  # noqa: E402
 
 from conftest import torch_threads  # noqa: E402
@@ -116,13 +116,12 @@ def test_identity_layers_have_zero_block_influence_and_distance(identity_model):
     assert sim.perplexity == pytest.approx(math.exp(float(torch.stack(losses).mean())), rel=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM", "OlmoForCausalLM",
-                                  "Olmo2ForCausalLM"])
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - {"LlamaForCausalLM"}))
 def test_identity_layers_found_in_other_architectures(tmp_path, arch):
     model_dir = make_model_with_identity_layers(tmp_path / "m", arch=arch, num_layers=4, identity=(1,))
     with torch_threads(1):
         sim = analyze_layers(model_dir, random_batches(n_batches=1), device="cpu", progress=False)
-    # Gemma2's post-block norms and OLMo2's post-norms still see a zero input: the output stays 0.
+    # Post-block norms (Gemma2/3 sandwich, OLMo2/3) of a zero block output are still zero.
     assert sim.block_influence[1] == pytest.approx(0.0, abs=1e-9)
     assert sim.distance(1, 1) == pytest.approx(0.0, abs=1e-7)
     assert min(sim.block_influence[i] for i in (0, 2, 3)) > 1e-4
@@ -215,13 +214,13 @@ def test_cli_end_to_end_on_demo_base(tiny_base_model_dir, tiny_data_dir, tmp_pat
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.analyze", str(tiny_base_model_dir), "--target-layers", "6",
-         "--data", str(tiny_data_dir / "corpus.txt"), "--tokens", "1024", "--seq-len", "64", "--top-k", "1",
+         "--data", str(tiny_data_dir / "corpus.txt"), "--tokens", "512", "--seq-len", "64", "--top-k", "1",
          "--out", str(out), "--model-ref", "demo-base", "--no-progress", "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     report = json.loads((out / "seam_report.json").read_text())
-    assert report["source_layers"] == 4 and report["target_layers"] == 6 and report["num_tokens"] == 1024
+    assert report["source_layers"] == 4 and report["target_layers"] == 6 and report["num_tokens"] == 512
     assert len(report["candidates"]) == 3
     scored = [c for c in report["candidates"] if c["measured_perplexity"] is not None]
     assert any(c["is_solar"] for c in scored) and 1 <= len(scored) <= 2
