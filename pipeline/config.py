@@ -145,7 +145,8 @@ class CPTConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     learning_rate: float = 2.0e-5
     max_length: int = 1024
-    # Compute the loss on assistant tokens only (needs {% generation %} markers in the template).
+    # Compute the loss on assistant tokens only (+ their end-of-turn token), on any chat template:
+    # pipeline.data.chat_masking finds and verifies them (docs/chat-masking.md).
     assistant_only_loss: bool = True
     packing: bool = False
     use_lora: bool = False
