@@ -39,7 +39,7 @@ PAPER_URL = "https://arxiv.org/abs/2312.15166"
 MERGEKIT_URL = "https://github.com/arcee-ai/mergekit"
 
 
-MODEL_STAGES = ("merge", "cpt", "sft")  # stages whose directory is a model, in pipeline order
+MODEL_STAGES = ("merge", "cpt", "sft", "dpo")  # stages whose directory is a model, in pipeline order
 
 
 BASE_TAGS = ("mergekit", "merge", "depth-upscaling")
