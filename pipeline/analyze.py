@@ -1,7 +1,7 @@
 """``python -m pipeline.analyze MODEL --target-layers L``: choose a depth up-scaling seam from data.
 
 A thin shim over ``pipeline.analysis.recommend_seam`` (docs/analysis.md). MODEL is a local model
-directory (safetensors) or a ``.gguf`` file, converted once by ``pipeline.gguf_import``. A user
+directory (safetensors) or a ``.gguf`` file, converted once by ``pipeline.models.gguf``. A user
 error prints one line on stderr and exits with code 2 before any model is loaded.
 """
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-ref", default=None,
                     help="model name written into the merge YAML [MODEL as given, or the converted GGUF dir]")
     ap.add_argument("--cache-dir", default=".cache", help="where GGUF conversions are cached [.cache]")
+    ap.add_argument("--work-dir", default=None,
+                    help="where the scored merges are written, one at a time, and removed [system temp dir]")
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N [cuda if available]")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 [bf16 on GPU, fp32 on CPU]")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -54,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model = args.model
         if model.endswith(".gguf"):
-            from pipeline.gguf_import import import_gguf
+            from pipeline.models.gguf import import_gguf
 
             model = str(import_gguf(model, Path(args.cache_dir) / "gguf"))
         out = args.out or str(Path("analysis") / f"{Path(args.model).name.removesuffix('.gguf')}-L{args.target_layers}")
@@ -63,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seq_len=args.seq_len, batch_size=args.batch_size,
             heldout_fraction=args.heldout_fraction if args.heldout_fraction > 0 else None,
             text_column=args.text_column, out_dir=out, model_ref=args.model_ref, device=args.device,
-            dtype=args.dtype, progress=not args.no_progress)
+            dtype=args.dtype, work_dir=args.work_dir, progress=not args.no_progress)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

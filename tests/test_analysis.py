@@ -85,12 +85,12 @@ def reference_states(model, batches):
 
 
 def test_identity_layers_have_zero_block_influence_and_distance(identity_model):
-    batches = random_batches()
+    batches = random_batches(batch=4, seq=96)  # 384 tokens a batch: accumulated in chunks of 256
     with torch_threads(1):
         model = load_causal_lm(identity_model, device="cpu")
         sim = analyze_layers(model=model, token_batches=batches, progress=False)
         states = reference_states(model, batches)
-    assert sim.num_layers == 6 and sim.num_tokens == 3 * 2 * 32
+    assert sim.num_layers == 6 and sim.num_tokens == 3 * 4 * 96
     for layer in IDENTITY_LAYERS:
         assert sim.block_influence[layer] == pytest.approx(0.0, abs=1e-9)
     # h_3 = h_4 = h_5 exactly: every distance among them is 0.

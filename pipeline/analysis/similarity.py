@@ -102,18 +102,20 @@ class _Accumulator:
         self.angle_sum = torch.zeros(num_states, num_states, dtype=torch.float64)
         self.tokens = 0
 
-    def add(self, states) -> None:
+    def add(self, states, *, tokens_per_chunk: int = 256) -> None:
         """``states``: [S, T, d] hidden states of T tokens at S depths (any dtype/device)."""
         import torch
 
-        # float64: for a layer that barely changes the stream, cos is 1 - 1e-7 and float32 rounding
-        # alone would give an angle of ~1e-4; float64 keeps identical inputs at distance ~1e-8.
-        x = states.to(torch.float64)
-        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        # [S, S, T] cosines, one pair of depths per entry; memory S^2 * T doubles per batch.
-        cos = torch.einsum("itd,jtd->ijt", unit, unit).clamp_(-1.0, 1.0)
-        self.cos_sum += cos.sum(-1).cpu()
-        self.angle_sum += (torch.arccos(cos) / math.pi).sum(-1).cpu()
+        for start in range(0, states.shape[1], tokens_per_chunk):
+            # float64: for a layer that barely changes the stream, cos is 1 - 1e-7 and float32
+            # rounding alone would give an angle of ~1e-4; float64 keeps identical inputs at ~1e-8.
+            # Chunks of tokens bound the float64 copy (S x 256 x d: 0.3 GB for a 32-layer 4096-wide model).
+            x = states[:, start:start + tokens_per_chunk].to(torch.float64)
+            unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            # [S, S, t] cosines, one pair of depths per entry.
+            cos = torch.einsum("itd,jtd->ijt", unit, unit).clamp_(-1.0, 1.0)
+            self.cos_sum += cos.sum(-1).cpu()
+            self.angle_sum += (torch.arccos(cos) / math.pi).sum(-1).cpu()
         self.tokens += states.shape[1]
 
 
