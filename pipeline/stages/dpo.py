@@ -108,6 +108,7 @@ def preference_results(cfg: PipelineConfig, models: dict) -> dict[str, dict[str,
 
 class DPOStage(TrainingStage):
     name = "dpo"
+    reads_preference_data = True
 
     def data_files(self, cfg: PipelineConfig) -> list[str]:
         return list(cfg.data.dpo_files)

@@ -31,7 +31,7 @@ from pipeline.log import log
 from pipeline.manifest import Manifest, StageInput, read_manifest, resolve_model_dir, stage_dir
 from pipeline.stages.dpo import preference_results
 from pipeline.stages.sft import check_sft_files
-from pipeline.stages.stage import BaseStage, StageOutput
+from pipeline.stages.stage import BaseStage, StageOutput, data_for_key
 
 
 def stage_models(cfg: PipelineConfig) -> dict[str, tuple[str, Manifest]]:
@@ -127,7 +127,7 @@ class EvalStage(BaseStage):
         return [StageInput(role="model", stage=s, path=d, sha256=m.key) for s, (d, m) in stage_models(cfg).items()]
 
     def key_config(self, cfg: PipelineConfig) -> dict:
-        return {"eval": asdict(cfg.eval), "data": asdict(cfg.data)}
+        return {"eval": asdict(cfg.eval), "data": data_for_key(cfg, reads_preference_data=cfg.dpo.enabled)}
 
     def run(self, cfg: PipelineConfig, *, inputs: list[StageInput], out_dir: Path) -> StageOutput:
         return StageOutput(metrics=evaluate_stages(cfg, out_dir), model_dir=None)

