@@ -227,7 +227,8 @@ def _mask_with_template(tokenizer, messages: list[dict], *, train_roles: Sequenc
         raise ConfigError(where, f"{type(tokenizer).__name__} is not a fast tokenizer: no character offsets",
                           "load the tokenizer with use_fast=True (a tokenizer.json)")
     text = _render(tokenizer, messages, where=where, chat_template=chat_template)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: a conversation longer than the model's context is expected (max_length cuts it).
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids: list[int] = list(enc["input_ids"])
     offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
     special_ids = _special_token_ids(tokenizer)
