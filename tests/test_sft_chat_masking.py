@@ -154,3 +154,14 @@ def test_hand_off_check_names_a_nan_loss_and_an_empty_fixed_batch():
     with pytest.raises(StageFailed, match="fixed verification batch has no trained token") as err:
         check_fixed_batch_loss(empty, trained_loss=float("nan"))
     assert "ZeRO-3" not in str(err.value)
+
+
+def test_mistral_tokenizer_needs_no_chat_template_for_assistant_only_loss(tmp_path):
+    from chat_tokenizers import mistral_v3_tokenizer
+    from pipeline.stages.sft import check_chat_template
+
+    tok = mistral_v3_tokenizer(tmp_path / "mistral")
+    assert not tok.chat_template
+    check_chat_template(tok, assistant_only_loss=True, source="mistral-v3")  # mistral-common encodes it
+    with pytest.raises(ConfigError, match="tokenizer of mistral-v3: has no chat template"):
+        check_chat_template(tok, assistant_only_loss=False, source="mistral-v3")  # TRL renders full-loss rows
