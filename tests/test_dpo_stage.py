@@ -119,3 +119,20 @@ def test_pipeline_with_dpo_on_two_ranks(tmp_path, tiny_data_dir):
     assert results["dpo"]["preference/examples"] > 0 and "preference/reward_margin" in results["dpo"]
     assert 0.0 <= results["dpo"]["preference/logprob_accuracy"] <= 1.0
     assert "preference/reward_accuracy" in (stage_dir(run_dir, "eval") / "results.md").read_text()
+
+
+@pytest.mark.slow  # a Hydra CLI start: 54 s seen on the loaded shared cores
+def test_cli_preflight_refuses_a_bad_dpo_setting_before_any_work(tmp_path):
+    """`python -m pipeline preflight=true dpo.enabled=true dpo.beta=0`: the stage's check runs in the
+    preflight (nothing is built), and the message names the field."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "preflight=true", "dpo.enabled=true", "dpo.beta=0",
+                           f"paths.output_root={tmp_path}", f"paths.cache_dir={tmp_path}/cache"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "dpo.beta" in proc.stdout + proc.stderr and "must be > 0" in proc.stdout + proc.stderr
+    assert not (tmp_path / "cache" / "demo_base").exists()
