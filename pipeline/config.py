@@ -204,6 +204,9 @@ class EvalConfig:
     harness_mc_file: str = str(REPO_ROOT / "data" / "demo" / "mc_eval.jsonl")
     # task -> metric averaged into harness/average (the leaderboard's average).
     harness_average: Dict[str, str] = field(default_factory=dict)
+    # Greedy answers of every stage's model to these prompts (eval dir: generations.md / .json).
+    generation_prompts: List[str] = field(default_factory=list)
+    generation_max_new_tokens: int = 64
 
 
 @dataclass

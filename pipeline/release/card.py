@@ -32,6 +32,7 @@ import yaml
 from pipeline import hub
 from pipeline.config import STAGES
 from pipeline.data import is_hub_dataset_name
+from pipeline.evaluation.generation import read_generations, read_generations_markdown
 from pipeline.evaluation.results import results_markdown
 from pipeline.release.record import BASE_TAGS, CARD_NAME, HUB_REPO, MERGEKIT_URL, PAPER_URL, PLOTS, RunRecord, load_run
 
@@ -437,6 +438,11 @@ def _evaluation_section(run: RunRecord) -> list[str]:
     for name, alt in PLOTS:
         if name in run.plots:
             lines += ["", f"![{alt}]({name})"]
+    generations = read_generations(run.eval_dir)
+    if generations:
+        lines += ["", "### Greedy answers to fixed prompts", "",
+                  "Each stage's model, greedy decoding, the same chat template for every stage:", ""]
+        lines += read_generations_markdown(run.eval_dir).split("\n", 2)[2].rstrip("\n").splitlines()
     return lines
 
 

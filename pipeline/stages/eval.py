@@ -23,6 +23,7 @@ from pipeline.data import (
     split_records,
 )
 from pipeline.errors import ConfigError
+from pipeline.evaluation.generation import greedy_answers, write_generations
 from pipeline.evaluation.harness import check_tasks_available, mc_chance_accuracy, run_lm_eval, write_text_jsonl
 from pipeline.evaluation.metrics import evaluate_model
 from pipeline.evaluation.plots import plot_tasks, plot_training, read_log_history
@@ -93,6 +94,12 @@ def evaluate_stages(cfg: PipelineConfig, out_dir: Path) -> dict:
     for stage, metrics in preference_results(cfg, models).items():
         results[stage].update(metrics)
     write_results(results, out_dir, chance=chance)
+    if cfg.eval.generation_prompts:
+        prompts = list(cfg.eval.generation_prompts)
+        write_generations(prompts, {s: greedy_answers(d, prompts, chat_tokenizer_dir=chat_tok,
+                                                      max_new_tokens=cfg.eval.generation_max_new_tokens,
+                                                      trust_remote_code=cfg.model.trust_remote_code)
+                                    for s, (d, _) in models.items()}, out_dir)
     logs = {s: read_log_history(stage_dir(cfg.paths.run_dir, s)) for s in TRAINING_STAGES if s in models}
     ppl = {s: r[M.HELDOUT_PERPLEXITY] for s, r in results.items() if M.HELDOUT_PERPLEXITY in r}
     plot_training(logs, ppl, out_dir / "training.png")

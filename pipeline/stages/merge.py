@@ -20,6 +20,8 @@ from pipeline.fsutil import file_lock, link_or_copy_tree
 from pipeline.log import log
 from pipeline.manifest import StageInput, require_stage, resolve_model_dir, stage_key
 from pipeline.merge import MergeConfig, run_merge, validate_merge
+from pipeline.merge.plan import planned_num_layers
+from pipeline.models.gguf import check_gguf_file, read_gguf_metadata, resolve_package_file
 from pipeline.stages.stage import BaseStage, StageOutput
 
 MERGE_METRICS = "merge_metrics.json"  # in the cache entry only: a merge without it is redone
@@ -61,6 +63,11 @@ class MergeStage(BaseStage):
     def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
         if cfg.model.demo is not None:
             check_demo_slices(cfg)
+        elif cfg.model.gguf_file is not None:
+            # Not converted yet: the slices are checked against the depth in the GGUF's metadata.
+            gguf = resolve_package_file(cfg.model.gguf_file, where="model.gguf_file")
+            depth = read_gguf_metadata(check_gguf_file(gguf), where="model.gguf_file")["config"]["num_hidden_layers"]
+            planned_num_layers(cfg.merge, base_layers=depth)
         else:
             src = cfg.model.name_or_path
             validate_merge(resolved_merge_config(cfg, src), base_model=src, allow_pickle=cfg.model.allow_pickle)
