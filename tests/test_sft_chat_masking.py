@@ -165,3 +165,23 @@ def test_mistral_tokenizer_needs_no_chat_template_for_assistant_only_loss(tmp_pa
     check_chat_template(tok, assistant_only_loss=True, source="mistral-v3")  # mistral-common encodes it
     with pytest.raises(ConfigError, match="tokenizer of mistral-v3: has no chat template"):
         check_chat_template(tok, assistant_only_loss=False, source="mistral-v3")  # TRL renders full-loss rows
+
+
+def test_packed_sft_rows_keep_exactly_the_masked_labels(tmp_path, qwen_tokenizer, qwen_model_dir):
+    """With sft.packing, TRL packs the pre-tokenized rows (input_ids + labels): every trained label
+    survives, and no other token is trained."""
+    from collections import Counter
+
+    from pipeline.stages.sft import build_sft_trainer
+
+    data = _write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    cfg = _cfg(tmp_path, [data], max_length=128)
+    cfg.sft.packing = True
+    setup = build_sft_trainer(cfg, tokenizer=qwen_tokenizer, input_model=str(qwen_model_dir),
+                              checkpoint_dir=tmp_path / "ck", ds_config=None, bf16=False, attn="sdpa")
+    expected = Counter()
+    for conv in CONVERSATIONS:
+        ex = mask_assistant_tokens(qwen_tokenizer, conv, max_length=128)
+        expected.update(t for t in ex.labels() if t != -100)
+    packed = Counter(t for row in setup.trainer.train_dataset for t in row["labels"] if t != -100)
+    assert len(setup.trainer.train_dataset) < len(CONVERSATIONS) and packed == expected
