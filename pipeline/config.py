@@ -15,7 +15,9 @@ from pipeline.merge.config import InputSlice, MergeConfig, OutputSlice  # noqa: 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-STAGES = ("base", "merge", "cpt", "sft", "dpo", "eval")
+STAGES = ("base", "merge", "cpt", "sft", "dpo", "eval", "quantize")
+# The quant ladder's default rungs (llama.cpp quant type names), smallest first.
+DEFAULT_QUANT_LADDER = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 TRAINING_STAGES = ("cpt", "sft", "dpo")
 
 
@@ -210,6 +212,30 @@ class EvalConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """The quantize stage after eval (pipeline/stages/quantize.py, conf/quantize/): a ladder of
+    quantized files of the final model, each scored against the unquantized one."""
+
+    # none | gguf | exl2 (exl2 needs CUDA and is not implemented here yet).
+    backend: str = "none"
+    # llama-quantize type names; "TYPE+imatrix" for an imatrix rung (IQ1/IQ2/IQ3_XXS always get one).
+    rungs: List[str] = field(default_factory=lambda: list(DEFAULT_QUANT_LADDER))
+    # auto = the checkpoint's own float type (bit-exact reference); or F32 / F16 / BF16.
+    reference_type: str = "auto"
+    # auto = llama.cpp's converter decides (GPT-2's rule for an exactly-GPT-2 byte-level BPE it does
+    # not know, e.g. the demo's); or a llama.cpp pre-tokenizer name. Token ids are checked either way.
+    pre_tokenizer: str = "auto"
+    window: int = 512
+    max_eval_tokens: int = 8192
+    imatrix_ctx: int = 512
+    imatrix_chunks: Optional[int] = 128
+    # Share of the held-out records used as imatrix calibration text (the rest is scored).
+    calibration_fraction: float = 0.5
+    n_threads: Optional[int] = None
+    compare_with_transformers: bool = True
+
+
+@dataclass
 class ReleaseConfig:
     """The release step after eval (pipeline/release.py): ``<run_dir>/release/`` holds the final
     model, its model card (README.md), mergekit_config.yml, results and plots; optionally pushed
@@ -276,6 +302,7 @@ class PipelineConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -25,7 +25,7 @@ def test_every_experiment_composes_and_validates(experiment, tmp_path):
     assert isinstance(cfg, PipelineConfig)
     from pipeline.training.distributed import validate_distributed
 
-    if cfg.distributed.num_machines == 1:
+    if cfg.distributed.num_machines == 1 and cfg.distributed.launcher == "accelerate":  # inprocess: no DeepSpeed
         validate_distributed(cfg.distributed, cfg.paths.conf_dir)
 
 

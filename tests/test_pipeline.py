@@ -85,7 +85,7 @@ def manifest(run_dir: Path, name: str) -> dict:
 def test_every_stage_hands_off_through_manifests(demo_run):
     run_dir, _, proc = demo_run
     assert sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit()) == [
-        "00_base", "01_merge", "02_cpt", "03_sft", "04_eval"]
+        "00_base", "01_merge", "02_cpt", "03_sft", "05_eval"]
     assert not list(run_dir.glob(".*partial"))
     merge, cpt, sft = (manifest(run_dir, n) for n in ("01_merge", "02_cpt", "03_sft"))
     # Each stage's input is the previous stage's output, named by the previous manifest's key.
@@ -153,19 +153,19 @@ def test_zero3_export_reloads_with_the_trained_loss(demo_run, stage):
 
 def test_eval_writes_table_and_plots(demo_run):
     run_dir, _, proc = demo_run
-    results = json.loads((run_dir / "04_eval" / "results.json").read_text())
+    results = json.loads((run_dir / "05_eval" / "results.json").read_text())
     assert set(results["stages"]) == {"base", "merge", "cpt", "sft"}
     for stage, metrics in results["stages"].items():
         assert metrics["heldout/perplexity"] > 1
-    assert (run_dir / "04_eval" / "results.md").read_text().count("|") > 10
+    assert (run_dir / "05_eval" / "results.md").read_text().count("|") > 10
     for png in ("training.png", "tasks.png"):
-        assert (run_dir / "04_eval" / png).stat().st_size > 5000
+        assert (run_dir / "05_eval" / png).stat().st_size > 5000
     assert "heldout" in proc.stdout  # the table is printed
 
 
 def test_second_run_skips_every_stage(demo_run):
     run_dir, overrides, _ = demo_run
-    before = {p: (run_dir / p / "manifest.json").stat().st_mtime_ns for p in ("01_merge", "02_cpt", "03_sft", "04_eval")}
+    before = {p: (run_dir / p / "manifest.json").stat().st_mtime_ns for p in ("01_merge", "02_cpt", "03_sft", "05_eval")}
     proc = run_cli(overrides)
     for stage in ("base", "merge", "cpt", "sft", "eval"):
         assert f"{stage}: up to date" in proc.stdout
@@ -206,7 +206,7 @@ def test_multirun_runs_two_pipelines_and_reuses_the_merge(tmp_path, tiny_data_di
     jobs = [tmp_path / "sweep_multirun" / str(i) for i in (0, 1)]
     lrs = []
     for job in jobs:
-        assert (job / "04_eval" / "results.json").is_file(), proc.stdout[-2000:]
+        assert (job / "05_eval" / "results.json").is_file(), proc.stdout[-2000:]
         lrs.append(manifest(job, "02_cpt")["config"]["cpt"]["learning_rate"])
     assert sorted(lrs) == [1e-3, 2e-3]
     sft = manifest(jobs[0], "03_sft")
@@ -270,7 +270,7 @@ def test_release_directory_has_a_model_card_and_loads(demo_run):
     release = run_dir / "release"
     card = ModelCard.load(release / "README.md")
     assert {"mergekit", "merge", "depth-upscaling"} <= set(card.data.to_dict()["tags"])
-    results = json.loads((run_dir / "04_eval" / "results.json").read_text())
+    results = json.loads((run_dir / "05_eval" / "results.json").read_text())
     assert f"{results['stages']['cpt']['heldout/perplexity']:.2f}" in card.text
     assert (release / "mergekit_config.yml").is_file() and not (release / "manifest.json").exists()
     assert AutoModelForCausalLM.from_pretrained(release).config.num_hidden_layers == 12

@@ -180,7 +180,7 @@ def test_card_eval_table_has_the_real_numbers(run_dir):
         assert f"{metrics['heldout/perplexity']:.2f}" in card
     table = [ln for ln in (stage_dir(run_dir, "eval") / "results.md").read_text().splitlines() if ln.startswith("|")]
     assert len(table) == 2 + len(RESULTS)
-    for line in table:  # the table of 04_eval/results.md, row for row
+    for line in table:  # the table of 05_eval/results.md, row for row
         assert line in card.splitlines()
     assert "![" in card and "(training.png)" in card and "(tasks.png)" in card
 

@@ -116,12 +116,12 @@ def test_failed_job_keeps_the_others_results_and_the_summary_names_it(tmp_path, 
                     f"data.cpt_files=[{tiny_data_dir}/corpus.txt],[{missing}]"], check=False)
     sweep_dir = tmp_path / "sw_multirun"
     assert proc.returncode != 0, proc.stdout[-2000:]
-    assert (sweep_dir / "0" / "04_eval" / "results.json").is_file(), proc.stderr[-3000:]
+    assert (sweep_dir / "0" / "05_eval" / "results.json").is_file(), proc.stderr[-3000:]
     summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
     jobs = {j["num"]: j for j in summary["jobs"]}
     assert jobs[0]["status"] == "completed" and jobs[1]["status"] == "failed"
     assert summary["failed"] == [1]
-    results = json.loads((sweep_dir / "0" / "04_eval" / "results.json").read_text())
+    results = json.loads((sweep_dir / "0" / "05_eval" / "results.json").read_text())
     assert jobs[0]["objective"] == pytest.approx(results["stages"]["cpt"]["heldout/perplexity"])
     assert jobs[0]["metrics"]["cpt/heldout_ppl"] == jobs[0]["objective"]
     assert "ConfigError" in jobs[1]["error"] and str(missing) in jobs[1]["error"]

@@ -60,7 +60,7 @@ def error_line(error: BaseException | None) -> str | None:
 
 
 def run_metrics(run_dir: Path | str) -> dict[str, float]:
-    """Held-out perplexity of each evaluated stage, from ``<run_dir>/04_eval/results.json``."""
+    """Held-out perplexity of each evaluated stage, from ``<run_dir>/05_eval/results.json``."""
     results = stage_dir(run_dir, "eval") / "results.json"
     if not results.is_file():
         return {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import DEFAULT_QUANT_LADDER
 from pipeline.errors import ConfigError
 
 
@@ -59,7 +60,7 @@ QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in [
 ]}
 
 # What the model this project imitates shipped, minus the rungs that need calibration data.
-DEFAULT_LADDER = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+DEFAULT_LADDER = DEFAULT_QUANT_LADDER  # the config default (pipeline.config), as the library default too
 # Unquantized GGUF types the converter writes (the reference every rung is scored against).
 REFERENCE_TYPES = ("F32", "F16", "BF16")
 IMATRIX_SUFFIX = "+imatrix"

@@ -14,7 +14,7 @@ per-rank records; everything useful from them is in the card), checkpoints, and 
 that runs at load time.
 
 Everything in the card comes from the run directory: the stage manifests,
-``01_merge/mergekit_config.yml``, ``04_eval/results.json`` and the ``release`` section of the run's
+``01_merge/mergekit_config.yml``, ``05_eval/results.json`` and the ``release`` section of the run's
 ``config.yaml`` (license/language/repo id overrides). Nothing is re-run, so ``python -m
 pipeline.report RUN_DIR`` regenerates the same card at any time.
 

@@ -77,7 +77,7 @@ class RunRecord:
     final_stage: str  # the stage whose model is released
     merge_yaml: str  # 01_merge/mergekit_config.yml, verbatim
     results: Optional[dict]  # {"stages": {stage: metrics}, "chance": {...}} or None (no eval)
-    plots: list[str] = field(default_factory=list)  # plot files present in 04_eval
+    plots: list[str] = field(default_factory=list)  # plot files present in NN_eval
     release_cfg: dict = field(default_factory=dict)  # the `release` section of <run_dir>/config.yaml
     run_name: str = ""  # run_name of <run_dir>/config.yaml, else the directory's name
 

@@ -16,12 +16,13 @@ from pipeline.stages.cpt import CPTStage
 from pipeline.stages.dpo import DPOStage
 from pipeline.stages.eval import EvalStage
 from pipeline.stages.merge import MergeStage
+from pipeline.stages.quantize import QuantizeStage
 from pipeline.stages.release import ReleaseStage
 from pipeline.stages.sft import SFTStage
 from pipeline.stages.stage import Stage, TrainingStage
 
 REGISTRY: tuple[Stage, ...] = (BaseModelStage(), MergeStage(), CPTStage(), SFTStage(), DPOStage(), EvalStage(),
-                               ReleaseStage())
+                               QuantizeStage(), ReleaseStage())
 BY_NAME: dict[str, Stage] = {s.name: s for s in REGISTRY}
 # The numbered stage directories follow pipeline.config.STAGES; the registry must agree with it.
 assert tuple(s.name for s in REGISTRY if not s.publishes) == STAGES, "stages/__init__.py and config.STAGES disagree"

@@ -18,11 +18,11 @@ Needs llama-cpp-python built by ``scripts/build_llama_cpp.sh``. Tests: tests/tes
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Sequence
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, QuantizeConfig
 from pipeline.data import check_data_files, is_heldout, iter_text_records
 from pipeline.errors import ConfigError
 from pipeline.fsutil import hash_path
@@ -32,44 +32,10 @@ from pipeline.quantize.data import split_eval_and_calibration
 from pipeline.quantize.exl2 import cuda_available
 from pipeline.quantize.install import find_llama_cpp
 from pipeline.quantize.ladder import GgufLadderConfig, run_gguf_ladder
-from pipeline.quantize.types import DEFAULT_LADDER, parse_ladder
+from pipeline.quantize.types import parse_ladder
 from pipeline.stages.stage import BaseStage, StageOutput, previous_model
 
 BACKENDS = ("none", "gguf", "exl2")
-
-
-@dataclass
-class QuantizeConfig:
-    """The ``quantize`` config section (conf/quantize/). Belongs in pipeline/config.py as
-    ``PipelineConfig.quantize`` (moved there verbatim when the stage is registered)."""
-
-    # none | gguf | exl2 (exl2 needs CUDA and is not implemented here yet).
-    backend: str = "none"
-    # llama-quantize type names; "TYPE+imatrix" for an imatrix rung (IQ1/IQ2/IQ3_XXS always get one).
-    rungs: List[str] = field(default_factory=lambda: list(DEFAULT_LADDER))
-    # auto = the checkpoint's own float type (bit-exact reference); or F32 / F16 / BF16.
-    reference_type: str = "auto"
-    # auto = llama.cpp's converter decides (GPT-2's rule for an exactly-GPT-2 byte-level BPE it does
-    # not know, e.g. the demo's); or a llama.cpp pre-tokenizer name. Token ids are checked either way.
-    pre_tokenizer: str = "auto"
-    window: int = 512
-    max_eval_tokens: int = 8192
-    imatrix_ctx: int = 512
-    imatrix_chunks: Optional[int] = 128
-    # Share of the held-out records used as imatrix calibration text (the rest is scored).
-    calibration_fraction: float = 0.5
-    n_threads: Optional[int] = None
-    compare_with_transformers: bool = True
-
-
-def quantize_section(cfg: PipelineConfig) -> QuantizeConfig:
-    """``cfg.quantize``, or the default (off) while PipelineConfig has no such section."""
-    section = getattr(cfg, "quantize", None)
-    if section is None:
-        return QuantizeConfig()
-    if isinstance(section, QuantizeConfig):
-        return section
-    return QuantizeConfig(**{k: getattr(section, k) for k in QuantizeConfig.__dataclass_fields__ if hasattr(section, k)})
 
 
 def ladder_config(section: QuantizeConfig, *, file_stem: str) -> GgufLadderConfig:
@@ -104,10 +70,10 @@ class QuantizeStage(BaseStage):
     name = "quantize"
 
     def enabled(self, cfg: PipelineConfig) -> bool:
-        return quantize_section(cfg).backend != "none"
+        return cfg.quantize.backend != "none"
 
     def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
-        section = quantize_section(cfg)
+        section = cfg.quantize
         if section.backend not in BACKENDS:
             raise ConfigError("quantize.backend", f"unknown backend '{section.backend}'", f"use one of {', '.join(BACKENDS)}")
         if section.backend == "exl2":
@@ -132,13 +98,13 @@ class QuantizeStage(BaseStage):
 
     def key_config(self, cfg: PipelineConfig) -> dict:
         data = cfg.data
-        return {"quantize": asdict(quantize_section(cfg)),
+        return {"quantize": asdict(cfg.quantize),
                 "data": {"cpt_files": list(data.cpt_files), "text_column": data.text_column,
                          "txt_document_separator": data.txt_document_separator,
                          "max_record_chars": data.max_record_chars, "heldout_fraction": data.heldout_fraction}}
 
     def run(self, cfg: PipelineConfig, *, inputs: list[StageInput], out_dir: Path) -> StageOutput:
-        section = quantize_section(cfg)
+        section = cfg.quantize
         model = next(i for i in inputs if i.role == "model")
         texts = split_eval_and_calibration(heldout_texts(cfg), calibration_fraction=section.calibration_fraction)
         log(f"GGUF ladder of {model.stage}'s model: {', '.join(section.rungs)} ({len(texts.eval_texts)} scored, "
