@@ -150,6 +150,18 @@ def _column_values(rows: Iterable[dict], column: str, *, where: str) -> Iterator
         yield row[column]
 
 
+def heldout_text_records(
+    files: list[str], *, heldout_fraction: float, text_column: str = "text", txt_document_separator: str = "\n\n\n",
+    max_record_chars: int = 4000,
+) -> list[str]:
+    """The held-out records of raw-text files, in file order: what every stage scores (eval, quantize).
+    Only these are kept in memory; the corpus itself may be far larger."""
+    return [r for name in files
+            for r in iter_text_records(name, text_column=text_column, txt_document_separator=txt_document_separator,
+                                       max_record_chars=max_record_chars)
+            if is_heldout(r, heldout_fraction)]
+
+
 def load_text_records(
     files: list[str], *, text_column: str = "text", txt_document_separator: str = "\n\n\n",
     max_record_chars: int = 4000, field: str = "data.cpt_files",

@@ -14,14 +14,7 @@ from typing import Sequence
 
 from pipeline import metric_names as M
 from pipeline.config import STAGES, TRAINING_STAGES, PipelineConfig
-from pipeline.data import (
-    check_data_files,
-    conversation_key,
-    is_heldout,
-    iter_text_records,
-    load_conversations,
-    split_records,
-)
+from pipeline.data import check_data_files, conversation_key, heldout_text_records, load_conversations, split_records
 from pipeline.errors import ConfigError
 from pipeline.evaluation.generation import greedy_answers, write_generations
 from pipeline.evaluation.harness import check_tasks_available, mc_chance_accuracy, run_lm_eval, write_text_jsonl
@@ -48,14 +41,10 @@ def stage_models(cfg: PipelineConfig) -> dict[str, tuple[str, Manifest]]:
 def evaluate_stages(cfg: PipelineConfig, out_dir: Path) -> dict:
     """Score every completed stage's model; write results.json/md and the plots into ``out_dir``."""
     models = stage_models(cfg)
-    # Only the held-out records are kept: the corpus itself may be far larger than memory.
-    heldout_texts = [
-        r for name in cfg.data.cpt_files
-        for r in iter_text_records(name, text_column=cfg.data.text_column,
-                                   txt_document_separator=cfg.data.txt_document_separator,
-                                   max_record_chars=cfg.data.max_record_chars)
-        if is_heldout(r, cfg.data.heldout_fraction)
-    ]
+    heldout_texts = heldout_text_records(list(cfg.data.cpt_files), heldout_fraction=cfg.data.heldout_fraction,
+                                         text_column=cfg.data.text_column,
+                                         txt_document_separator=cfg.data.txt_document_separator,
+                                         max_record_chars=cfg.data.max_record_chars)
     conversations = load_conversations(list(cfg.data.sft_files), messages_column=cfg.data.messages_column,
                                        sft_format=cfg.data.sft_format)
     heldout_convs = split_records(conversations, cfg.data.heldout_fraction, conversation_key).heldout

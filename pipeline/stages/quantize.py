@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import PipelineConfig, QuantizeConfig
-from pipeline.data import check_data_files, is_heldout, iter_text_records
+from pipeline.data import check_data_files, heldout_text_records
 from pipeline.errors import ConfigError
 from pipeline.fsutil import hash_path
 from pipeline.log import log
@@ -48,11 +48,9 @@ def ladder_config(section: QuantizeConfig, *, file_stem: str) -> GgufLadderConfi
 
 def heldout_texts(cfg: PipelineConfig) -> list[str]:
     """The eval stage's held-out corpus records (same split, same order)."""
-    return [r for name in cfg.data.cpt_files
-            for r in iter_text_records(name, text_column=cfg.data.text_column,
-                                       txt_document_separator=cfg.data.txt_document_separator,
-                                       max_record_chars=cfg.data.max_record_chars)
-            if is_heldout(r, cfg.data.heldout_fraction)]
+    return heldout_text_records(list(cfg.data.cpt_files), heldout_fraction=cfg.data.heldout_fraction,
+                                text_column=cfg.data.text_column, txt_document_separator=cfg.data.txt_document_separator,
+                                max_record_chars=cfg.data.max_record_chars)
 
 
 def ladder_metrics(result: dict) -> dict:
