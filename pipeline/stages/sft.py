@@ -35,6 +35,7 @@ from pipeline.data.chat_masking import (
     mistral_common_tokenizer_for,
 )
 from pipeline.errors import ConfigError
+from pipeline.log import log
 from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.training.callbacks import RecordingCollator
 from pipeline.training.model import load_causal_lm, trainer_kwargs
@@ -213,8 +214,12 @@ def check_sft_sample_formatting(cfg: PipelineConfig, tokenizer, source: str) -> 
         msgs = [sft_row_messages(row, fmt=cfg.data.sft_format, messages_column=cfg.data.messages_column, where=where)
                 for row, where in zip(rows, names)]
         if cfg.sft.assistant_only_loss:
-            check_template_masks(tokenizer, msgs, where=f"data.sft_files ({name})", max_length=cfg.sft.max_length,
-                                 row_names=names)
+            stats = check_template_masks(tokenizer, msgs, where=f"data.sft_files ({name})",
+                                         max_length=cfg.sft.max_length, row_names=names)
+            # Say which encoder masked them: a Mistral tokenizer goes through mistral-common, not
+            # its chat template, and the user should see that before training starts.
+            log(f"{stats['rows']} of the first {len(rows)} rows of {name} masked and verified "
+                f"(encoder: {stats['encoder']}, {stats['trained_tokens']} trained tokens)", where="preflight sft")
             continue
         for conv, where in zip(msgs, names):
             try:
