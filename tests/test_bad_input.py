@@ -369,6 +369,7 @@ PRODUCERS = {
                                                   deepspeed_config=str(REPO_ROOT / "conf" / "deepspeed" / "zero3.json")),
     "uneven-processes": lambda c: _distributed(c, num_processes=3, num_machines=2, main_process_ip="10.0.0.1"),
     "batch-vs-deepspeed": lambda c: _deepspeed_json(c, train_batch_size=32),
+    "bf16-cpu-deepspeed": lambda c: setattr(c.cfg.cpt, "bf16", True) or _distributed(c),
     "unknown-launcher": lambda c: setattr(c.cfg.distributed, "launcher", "mpi") or c.pipeline_error(),
     "unknown-stage": lambda c: setattr(c.cfg, "stage", "train") or c.pipeline_error(),
     "hydra-unknown-key": lambda c: c.hydra_error("cpt.learning_rat=1"),

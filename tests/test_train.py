@@ -5,7 +5,9 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from pipeline.errors import ConfigError
-from pipeline.training.model import attn_implementation, freeze_except, layers_added_by_merge, use_bf16
+from pipeline.training.model import (
+    attn_implementation, cpu_supports_bf16, freeze_except, layers_added_by_merge, use_bf16, weights_dtype,
+)
 
 
 def tiny_model():
@@ -50,9 +52,44 @@ def test_layers_added_by_a_passthrough_merge_are_the_repeated_copies():
 def test_precision_and_attention_are_chosen_for_the_machine():
     if not torch.cuda.is_available():
         assert use_bf16(None) is False and attn_implementation(None) == "sdpa"
-        with pytest.raises(ConfigError, match="bf16"):
-            use_bf16(True)
+        with pytest.raises(ConfigError, match="without DeepSpeed"):
+            use_bf16(True, deepspeed=True)
+        if cpu_supports_bf16():
+            assert use_bf16(True, deepspeed=False) is True
+            assert weights_dtype(True) == torch.float32  # autocast over fp32 weights on a CPU
     assert attn_implementation("eager") == "eager"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not cpu_supports_bf16(), reason="CPU bf16 autocast path")
+def test_cpu_bf16_autocast_cpt_trains_and_its_export_verifies(tmp_path, tiny_base_model_dir, tiny_data_dir):
+    """cpt.bf16=true without DeepSpeed on a bf16-capable CPU: the Trainer trains under bf16 autocast
+    (fp32 weights), the manifest says bf16, and the export reloads with the trained loss."""
+    from pipeline.config import (
+        CPTConfig, DataConfig, DistributedConfig, InputSlice, MergeConfig, ModelConfig, OutputSlice, PathsConfig,
+        PipelineConfig,
+    )
+    from pipeline.driver import run_stage
+    from pipeline.stages import get_stage
+
+    out = tmp_path / "out"
+    cfg = PipelineConfig(
+        model=ModelConfig(name_or_path=str(tiny_base_model_dir)),
+        merge=MergeConfig(slices=[OutputSlice(sources=[InputSlice(layer_range=[0, 4])])]),
+        data=DataConfig(cpt_files=[str(tiny_data_dir / "corpus.txt")]),
+        cpt=CPTConfig(seq_len=64, per_device_train_batch_size=2, max_steps=2, save_steps=100, bf16=True),
+        distributed=DistributedConfig(launcher="inprocess", zero_stage=0),
+        paths=PathsConfig(run_dir=str(out / "run"), cache_dir=str(tmp_path / "cache"), output_root=str(out)),
+    )
+    for name in ("base", "merge"):
+        run_stage(get_stage(name), cfg)
+    manifest = run_stage(get_stage("cpt"), cfg)
+    assert manifest.metrics["precision"] == "bf16"
+    v = manifest.metrics["verification"]
+    assert v["rtol"] == 1e-4 and v["abs_diff"] <= 1e-4 * v["trained_fixed_batch_loss"]  # fp32 weights saved
+    import json
+
+    history = json.loads((out / "run" / "02_cpt" / "logs" / "log_history.json").read_text())
+    assert any("loss" in row for row in history)
 
 
 def test_sft_trains_on_assistant_tokens_only(tmp_path, tiny_base_model_dir, tiny_data_dir):

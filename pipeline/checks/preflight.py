@@ -18,7 +18,7 @@ from pipeline.checks.estimates import (
     shape_from_config,
     shape_from_demo,
 )
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.fsutil import fmt_bytes
 from pipeline.log import log
@@ -68,7 +68,19 @@ def check_distributed(cfg: PipelineConfig, stages: list[str]) -> None:
         raise ConfigError("distributed.launcher", f"unknown launcher '{cfg.distributed.launcher}'", "use accelerate or inprocess")
 
 
-CHECKS: list[Callable[[PipelineConfig, list[str]], None]] = [check_data_settings, check_stages, check_distributed]
+def check_precision(cfg: PipelineConfig, stages: list[str]) -> None:
+    """bf16 that this machine cannot train in (no bf16 GPU; on CPU: under DeepSpeed, or no bf16 cores)."""
+    for stage in selected_stages(cfg):
+        tc = getattr(cfg, stage.name, None)
+        if isinstance(tc, TrainConfig) and tc.enabled and tc.bf16:
+            try:
+                use_bf16(tc.bf16, deepspeed=cfg.distributed.launcher == "accelerate")
+            except ConfigError as e:
+                raise ConfigError(f"{stage.name}.bf16", e.problem, e.fix) from None
+
+
+CHECKS: list[Callable[[PipelineConfig, list[str]], None]] = [check_data_settings, check_stages, check_distributed,
+                                                             check_precision]
 
 
 def preflight(cfg: PipelineConfig) -> None:

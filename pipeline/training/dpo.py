@@ -32,6 +32,7 @@ from typing import Any
 from pipeline.data.preference import tokenize_pair
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, hash_text
+from pipeline.training.model import weights_dtype
 
 # trl 1.16 DPOConfig.loss_type values (dpo_config.py docstring and the dispatch in DPOTrainer._compute_loss).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -114,10 +115,9 @@ def pair_fingerprint(token_ids: list[int]) -> str:
 
 def load_policy(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool = False):
     """A model for DPO (policy or reference): safetensors only, no KV cache in training."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(bf16),
                                                  attn_implementation=attn, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
     model.config.use_cache = False

@@ -27,13 +27,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+import torch
+
 from pipeline import metric_names as M
 from pipeline.config import PipelineConfig
 from pipeline.fsutil import atomic_write_json, disk_full_guard
 from pipeline.manifest import StageInput, stage_dir
 from pipeline.training.callbacks import PreemptionCallback, ThroughputCallback, training_flops_per_token
 from pipeline.training.distributed import init_distributed_state, load_deepspeed_config
-from pipeline.training.model import attn_implementation, finalize_model_files, numel, use_bf16
+from pipeline.training.model import attn_implementation, finalize_model_files, numel, use_bf16, weights_dtype
 from pipeline.training.resume import (
     CheckpointBookkeeping,
     FaultInjection,
@@ -149,7 +151,7 @@ def prepare(stage, cfg: PipelineConfig) -> RankContext:
     if plan.load_universal:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     return RankContext(stage=stage, cfg=cfg, state=state, input_model=model_input.path, prev_stage=model_input.stage,
-                       ds_config=ds_config, bf16=use_bf16(tc.bf16), attn=attn_implementation(tc.attn_implementation),
+                       ds_config=ds_config, bf16=use_bf16(tc.bf16, deepspeed=ds_config is not None), attn=attn_implementation(tc.attn_implementation),
                        checkpoint_dir=checkpoint_dir, plan=plan)
 
 
@@ -209,7 +211,7 @@ def export_and_verify(ctx: RankContext, setup: TrainerSetupLike, out_dir: Path, 
     batch_file.write_text(json.dumps(setup.fixed_batch))
     if setup.saves_adapter:
         tokenizer.save_pretrained(out_dir)
-    verification = verify_in_fresh_process(out_dir, batch_file, expected_loss=trained_loss, bf16=ctx.bf16, attn=ctx.attn,
+    verification = verify_in_fresh_process(out_dir, batch_file, expected_loss=trained_loss, bf16=weights_dtype(ctx.bf16) == torch.bfloat16, attn=ctx.attn,
                                            merge_adapter_onto=ctx.input_model if setup.saves_adapter else None)
     finalize_model_files(out_dir, tokenizer)
     # Trainer.save_model also writes its arguments as a pickle; that is resume state, not model.
