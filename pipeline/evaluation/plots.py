@@ -35,7 +35,7 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-_STAGE_COLORS = {"base": "#555555", "merge": "#d62728", "cpt": "#1f77b4", "sft": "#2ca02c"}
+_STAGE_COLORS = {"base": "#555555", "merge": "#d62728", "cpt": "#1f77b4", "sft": "#2ca02c", "dpo": "#9467bd"}
 
 
 def _perplexity_ticks(lo_nats: float, hi_nats: float, most: int = 9) -> list[float]:

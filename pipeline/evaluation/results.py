@@ -22,6 +22,9 @@ COLUMN_LABELS = {
     f"{HELDOUT}/perplexity": "held-out ppl",
     f"{SFT_HELDOUT}/loss": "assistant-token loss",
     AVERAGE_KEY: "harness average",
+    "preference/reward_accuracy": "held-out preference accuracy",
+    "preference/reward_margin": "mean reward margin",
+    "preference/logprob_accuracy": "chosen more likely than rejected",
 }
 
 

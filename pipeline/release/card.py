@@ -201,9 +201,11 @@ def card_metadata(run: RunRecord, *, license: Optional[str] = None, language: An
         tags.append("sft")
         if ((sft.get("config") or {}).get("sft") or {}).get("use_lora"):
             tags.append("lora")
+    if "dpo" in run.manifests:
+        tags.append("dpo")
     meta["tags"] = tags
     datasets = []
-    for stage in ("cpt", "sft"):
+    for stage in TRAINED_STAGES:
         for inp in (run.manifests.get(stage) or {}).get("inputs", []):
             if inp.get("role") == "data" and _is_hub_dataset(inp.get("path", "")):
                 name = inp["path"].split(":", 1)[0]
@@ -332,6 +334,21 @@ def _data_cell(inputs: list[dict]) -> str:
     return ", ".join(parts)
 
 
+# Training stages the card describes, in pipeline order, with their section titles.
+TRAINED_STAGES = {"cpt": "Continued pretraining (cpt)", "sft": "Supervised fine-tuning (sft)",
+                  "dpo": "Preference alignment (dpo)"}
+
+
+def _dpo_cell(tc: dict) -> str:
+    loss = tc.get("loss_type", "sigmoid")
+    cell = f"DPO, TRL `loss_type={loss}`, beta {tc.get('beta')}, reference = the input (sft) model"
+    if tc.get("rpo_alpha"):
+        cell += f", + {tc['rpo_alpha']} × NLL of the chosen reply (RPO)"
+    if tc.get("precompute_ref_log_probs"):
+        cell += ", reference log-probs precomputed"
+    return cell
+
+
 def _warmup(v: Any) -> str:
     if not v:
         return "no warmup"
@@ -354,7 +371,7 @@ def _training_section(run: RunRecord, stage: str) -> list[str]:
             batch += f" ({_int(seqs * seq)} tokens) per optimizer step"
         else:
             batch += " per optimizer step"
-    title = "Continued pretraining (cpt)" if stage == "cpt" else "Supervised fine-tuning (sft)"
+    title = TRAINED_STAGES[stage]
     tokens = _int(mt.get("tokens_seen"))
     if stage == "sft" and mt.get("num_input_tokens_seen"):
         tokens += f" (batch × max length × steps; {_int(mt['num_input_tokens_seen'])} of them non-padding)"
@@ -414,6 +431,7 @@ def _training_section(run: RunRecord, stage: str) -> list[str]:
         ("hardware", hardware),
         ("wall time", f"{_duration(mt.get('train_runtime'))} training, {_duration(m.get('wall_time_s'))} for the stage"),
         ("reload check", check),
+        ("preference loss", _dpo_cell(tc) if stage == "dpo" else ""),
         ("resumed from a checkpoint", "yes" if mt.get("resumed_from") else ""),
         ("seed", str(tc.get("seed", ""))),
     ]
@@ -523,7 +541,7 @@ def render_card(run: RunRecord, *, license: Optional[str] = None, language: Any 
     meta, notes = card_metadata(run, license=license, language=language)
     title = repo_id.split("/")[-1] if repo_id else (run.run_name or run.run_dir.name)
     body: list[str] = [*_intro(run, title), "", *_merge_section(run), "", "## Training Details", ""]
-    trained = [s for s in ("cpt", "sft") if s in run.manifests]
+    trained = [s for s in TRAINED_STAGES if s in run.manifests]
     if not trained:
         body += ["The merged model was not trained further.", ""]
     for stage in trained:
