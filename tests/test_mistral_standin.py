@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from chat_tokenizers import mistral_v3_tokenizer
+
 from pipeline.config import REPO_ROOT
 
 DEMO_DATA = REPO_ROOT / "data" / "demo"
@@ -128,7 +129,9 @@ def build_mistral_v03_standin(out: Path) -> Path:
     import torch
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
-    tokenizer = mistral_v3_tokenizer(out)  # copies mistral-common's tokenizer.model.v3 into out
+    tokenizer = mistral_v3_tokenizer(out)  # copies mistral-common's tokenizer.model.v3 to out/tokenizer.model
+    # The Hub repo ships the same SentencePiece file under both names (mistral-common reads the .v3 one).
+    shutil.copyfile(out / "tokenizer.model", out / "tokenizer.model.v3")
     tokenizer.chat_template = MISTRAL_7B_INSTRUCT_V03_CHAT_TEMPLATE
     config = MistralConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -169,7 +172,7 @@ def solar_overrides(model_dir: Path, out: Path, *, sft_file: Path) -> list[str]:
 
 
 def run_pipeline(args: list[str], *, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=cli_env(),
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], check=False, cwd=REPO_ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -304,3 +307,132 @@ def test_training_ids_are_sentencepiece_s_where_the_hf_fast_tokenizer_differs(mi
     ex = mask_assistant_tokens(tok, conv, where="demo row 3")
     assert ex.input_ids == reference_ids(reference_mistral_v3(), conv)
     assert [t for t, m in zip(ex.input_ids, ex.assistant_mask) if m] == sp_ids + [tok.eos_token_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# base -> merge -> sft on 2 processes under DeepSpeed ZeRO-3 (accelerate launch), eval, release
+# ---------------------------------------------------------------------------------------------
+
+HELDOUT_FRACTION = 0.25  # ~12 of the 49 conversations held out: a fixed batch of 4 with and without system prompts
+
+
+@pytest.fixture(scope="module")
+def solar_sft_run(mistral_standin, tmp_path_factory):
+    out = tmp_path_factory.mktemp("solar-sft")
+    sft_file = out / "sft.jsonl"
+    conversations = write_sft_rows(sft_file)
+    args = [*solar_overrides(mistral_standin, out, sft_file=sft_file), "cpt.enabled=false",
+            f"data.heldout_fraction={HELDOUT_FRACTION}", "sft.max_steps=2", "sft.save_steps=2", "sft.logging_steps=1",
+            "eval.max_heldout_tokens=2048"]
+    proc = run_pipeline(args, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out / "solar_standin", conversations, proc
+
+
+def _trained_spans(ids: list[int], conversation: list[dict], sp, eos: int, inst_end: int) -> list[tuple[int, int]]:
+    """Where each reply + </s> sits in mistral-common's ids, found independently of the pipeline:
+    the k-th </s> closes the k-th reply, whose SentencePiece encoding ends there, right after [/INST]."""
+    eos_at = [k for k, t in enumerate(ids) if t == eos]
+    replies = [m["content"] for m in conversation if m["role"] == "assistant"]
+    assert len(eos_at) == len(replies)
+    spans = []
+    for reply, end in zip(replies, eos_at):
+        own = sp.encode(reply)
+        start = end - len(own)
+        assert ids[start:end] == own and ids[start - 1] == inst_end
+        spans.append((start, end + 1))
+    return spans
+
+
+@pytest.mark.slow  # base -> merge -> 2-rank ZeRO-3 sft -> eval -> release: ~2 min of 2 loaded cores
+def test_sft_on_the_standin_trains_exactly_each_reply_and_its_eos(solar_sft_run, mistral_standin):
+    from transformers import AutoTokenizer
+
+    run_dir, conversations, proc = solar_sft_run
+    assert sorted(p.name for p in run_dir.iterdir() if p.name[:2].isdigit()) == ["00_base", "01_merge", "03_sft", "05_eval"]
+    tok = AutoTokenizer.from_pretrained(mistral_standin)
+    sp, mistral = sentencepiece_v3(), reference_mistral_v3()
+    eos, inst_end = tok.eos_token_id, tok.convert_tokens_to_ids("[/INST]")
+    by_ids = {tuple(reference_ids(mistral, c)): c for c in conversations}
+
+    batch = json.loads((run_dir / "03_sft" / "logs" / "fixed_batch.json").read_text())
+    assert len(batch["input_ids"]) == 4  # FIXED_BATCH_EXAMPLES held-out conversations
+    with_system = 0
+    for row_ids, row_mask, row_labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        n = sum(row_mask)
+        ids, labels = row_ids[:n], row_labels[:n]
+        assert all(lab == -100 for lab in row_labels[n:])
+        conv = by_ids.get(tuple(ids))
+        assert conv is not None, f"a fixed-batch row is not mistral-common's encoding of any data row: {tok.decode(ids)!r}"
+        spans = _trained_spans(ids, conv, sp, eos, inst_end)
+        expected = [-100] * n
+        for start, end in spans:
+            expected[start:end] = ids[start:end]
+        assert labels == expected  # -100 everywhere except each reply's tokens + </s>
+        replies = [m["content"] for m in conv if m["role"] == "assistant"]
+        assert [tok.decode(ids[s:e]) for s, e in spans] == [r + "</s>" for r in replies]
+        if conv[0]["role"] == "system":
+            with_system += 1
+            # mistral-common keeps the system prompt (in the last user turn); the Hub template drops it.
+            assert SYSTEM_PROMPT in tok.decode(ids)
+            assert SYSTEM_PROMPT not in tok.apply_chat_template(conv, tokenize=False)
+    assert with_system >= 1, "no fixed-batch row has a system prompt: change HELDOUT_FRACTION or the rows"
+
+    # Every trained token of the training split counted: reply + </s> of each training conversation.
+    from pipeline.data import conversation_key, split_records
+
+    train = split_records(conversations, HELDOUT_FRACTION, conversation_key).train
+    metrics = json.loads((run_dir / "03_sft" / "manifest.json").read_text())["metrics"]
+    assert metrics["data_train_examples"] == len(train)
+    assert metrics["data_trained_tokens"] == sum(len(sp.encode(m["content"])) + 1
+                                                 for c in train for m in c if m["role"] == "assistant")
+    assert "encoder: mistral_common" in proc.stdout  # the preflight's sample check, in the same run
+
+
+@pytest.mark.slow
+def test_sft_on_the_standin_ran_two_zero3_ranks_on_different_mistral_common_rows(solar_sft_run):
+    import hashlib
+
+    run_dir, conversations, _ = solar_sft_run
+    mistral = reference_mistral_v3()
+    # The runner fingerprints each example a rank's collator served (sha1 of its input ids).
+    fingerprint = {hashlib.sha1(json.dumps(reference_ids(mistral, c)).encode()).hexdigest()[:16]: c
+                   for c in conversations}
+    records = [json.loads((run_dir / "03_sft" / "logs" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
+    assert records[0]["pid"] != records[1]["pid"]
+    served = [set(r["served_indices"]) for r in records]
+    assert served[0] and served[1] and not served[0] & served[1], "both ranks trained on the same rows"
+    for s in served:
+        assert s <= set(fingerprint), "a served row is not mistral-common's encoding of a data row"
+    assert any(fingerprint[f][0]["role"] == "system" for s in served for f in s)  # trained with system prompts
+    metrics = json.loads((run_dir / "03_sft" / "manifest.json").read_text())["metrics"]
+    assert metrics["world_size"] == 2 and metrics["zero_stage"] == 3 and metrics["global_step"] == 2
+    v = metrics["verification"]
+    assert v["abs_diff"] <= v["rtol"] * abs(v["trained_fixed_batch_loss"])  # the ZeRO-3 export reloads
+
+
+@pytest.mark.slow
+def test_eval_release_and_exports_on_the_standin(solar_sft_run, mistral_standin):
+    """eval scores the held-out replies + </s> (the tokens sft trains); save_pretrained of the fast
+    tokenizer writes no tokenizer.model, so the training stage carries it (and tokenizer.model.v3)
+    from its input and the release keeps the file that defines the ids; no local path is published."""
+    from pipeline.data import conversation_key, split_records
+
+    run_dir, conversations, _ = solar_sft_run
+    sp = sentencepiece_v3()
+    heldout = split_records(conversations, HELDOUT_FRACTION, conversation_key).heldout
+    heldout_reply_tokens = sum(len(sp.encode(m["content"])) + 1 for c in heldout for m in c if m["role"] == "assistant")
+    results = json.loads((run_dir / "05_eval" / "results.json").read_text())
+    assert set(results["stages"]) == {"base", "merge", "sft"}
+    for stage, metrics in results["stages"].items():
+        assert metrics["sft_heldout/examples"] == len(heldout) and metrics["sft_heldout/skipped"] == 0, stage
+        assert metrics["sft_heldout/tokens"] == heldout_reply_tokens, stage
+        assert metrics["sft_heldout/loss"] > 0, stage
+    original = (mistral_standin / "tokenizer.model.v3").read_bytes()
+    for folder in ("01_merge", "03_sft", "release"):
+        for name in ("tokenizer.model", "tokenizer.model.v3"):
+            assert (run_dir / folder / name).read_bytes() == original, f"{folder}/{name}"
+    for p in (run_dir / "release").rglob("*"):
+        if p.is_file() and p.suffix in (".md", ".json", ".yml", ".jinja"):
+            assert str(run_dir.parent) not in p.read_text(encoding="utf-8"), p

@@ -25,7 +25,7 @@ from pipeline.merge.sources import (
 from pipeline.merge.spec import MergeSpec, SliceSpec, SourceSpec, load_spec, resolve_parameter, spec_to_mergekit_yaml
 
 TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3",
     "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
 )
 GENERATION_CONFIG = "generation_config.json"

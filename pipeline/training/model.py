@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,22 @@ def finalize_model_files(model_dir, tokenizer) -> None:
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
     gen.save_pretrained(model_dir)
+
+
+# Tokenizer files that save_pretrained does not write from a fast tokenizer: the SentencePiece model
+# (Llama/Mistral ids are defined by it; the tokenizer.json transformers converts from it splits
+# e.g. a double space differently) and mistral-common's copy of it (Mistral-7B-v0.3 ships
+# tokenizer.model.v3). Carried from the stage's input so no training stage loses them.
+TOKENIZER_SOURCE_FILES = ("tokenizer.model", "tokenizer.model.v3")
+
+
+def carry_tokenizer_source_files(*, input_dir: str | Path, model_dir: str | Path) -> list[str]:
+    """Copy ``TOKENIZER_SOURCE_FILES`` the input model directory has and ``model_dir`` lacks; returns
+    the names copied (none when the input is not a local directory)."""
+    copied = []
+    for name in TOKENIZER_SOURCE_FILES:
+        src, dst = Path(input_dir) / name, Path(model_dir) / name
+        if src.is_file() and not dst.exists():
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied

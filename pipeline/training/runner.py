@@ -35,7 +35,14 @@ from pipeline.fsutil import atomic_write_json, disk_full_guard
 from pipeline.manifest import StageInput, stage_dir
 from pipeline.training.callbacks import PreemptionCallback, ThroughputCallback, training_flops_per_token
 from pipeline.training.distributed import init_distributed_state, load_deepspeed_config
-from pipeline.training.model import attn_implementation, finalize_model_files, numel, use_bf16, weights_dtype
+from pipeline.training.model import (
+    attn_implementation,
+    carry_tokenizer_source_files,
+    finalize_model_files,
+    numel,
+    use_bf16,
+    weights_dtype,
+)
 from pipeline.training.resume import (
     CheckpointBookkeeping,
     FaultInjection,
@@ -214,6 +221,7 @@ def export_and_verify(ctx: RankContext, setup: TrainerSetupLike, out_dir: Path, 
     verification = verify_in_fresh_process(out_dir, batch_file, expected_loss=trained_loss, bf16=weights_dtype(ctx.bf16) == torch.bfloat16, attn=ctx.attn,
                                            merge_adapter_onto=ctx.input_model if setup.saves_adapter else None)
     finalize_model_files(out_dir, tokenizer)
+    carry_tokenizer_source_files(input_dir=ctx.input_model, model_dir=out_dir)
     # Trainer.save_model also writes its arguments as a pickle; that is resume state, not model.
     (out_dir / "training_args.bin").unlink(missing_ok=True)
     return verification
