@@ -50,24 +50,30 @@ def plot_ladder(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rungs = result["rungs"]
     fig, (ax_kld, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4.2))
-    sizes = [r["file_mb"] for r in rungs]
-    klds = [max(r["score"]["mean_kld"], 1e-7) for r in rungs]
-    ppls = [r["score"]["perplexity"] for r in rungs]
-    ax_kld.plot(sizes, klds, "o-")
+    # One line per kind (plain / with importance matrix), each in order of size, so the curve reads
+    # as quality against size whatever order the rungs were listed in.
+    for with_imatrix, style, label in ((False, "o-", "rungs"), (True, "s--", "with importance matrix")):
+        rungs = sorted((r for r in result["rungs"] if bool(r["imatrix"]) == with_imatrix), key=lambda r: r["file_mb"])
+        if not rungs:
+            continue
+        sizes = [r["file_mb"] for r in rungs]
+        klds = [max(r["score"]["mean_kld"], 1e-7) for r in rungs]
+        ppls = [r["score"]["perplexity"] for r in rungs]
+        ax_kld.plot(sizes, klds, style, label=label)
+        ax_ppl.plot(sizes, ppls, style, label=label)
+        for r, x, k, p in zip(rungs, sizes, klds, ppls):
+            ax_kld.annotate(r["label"], (x, k), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax_ppl.annotate(r["label"], (x, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax_kld.set_yscale("log")
     ax_kld.set_xlabel("file size (MB)")
     ax_kld.set_ylabel("mean KL(reference || rung), nats")
-    ax_ppl.plot(sizes, ppls, "o-", label="rungs")
+    ax_kld.legend()
     ref = result["reference"]
-    ax_ppl.axhline(ref["score"]["perplexity"], color="gray", linestyle="--", label=f"{ref['type']} reference")
+    ax_ppl.axhline(ref["score"]["perplexity"], color="gray", linestyle=":", label=f"{ref['type']} reference")
     ax_ppl.set_xlabel("file size (MB)")
     ax_ppl.set_ylabel("held-out perplexity")
     ax_ppl.legend()
-    for r, x, k, p in zip(rungs, sizes, klds, ppls):
-        ax_kld.annotate(r["label"], (x, k), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax_ppl.annotate(r["label"], (x, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
     fig.suptitle(f"GGUF ladder of {result['model_name']}: quality vs size (llama.cpp, same held-out tokens)")
     fig.tight_layout()
     tmp = path.parent / f".{path.name}.tmp.png"
