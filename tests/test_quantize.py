@@ -398,3 +398,12 @@ def test_trained_demo_model_with_the_demos_own_tokenizer(llama_install, tiny_bas
     assert by["Q8_0"]["score"]["mean_kld"] < by["Q4_0"]["score"]["mean_kld"]
     # A trained model: far below the uniform perplexity of its 512-token vocabulary.
     assert result["reference"]["score"]["perplexity"] < 300
+
+
+def test_cli_refuses_bad_input_with_exit_code_2(tmp_path, capsys):
+    from pipeline.quantize.__main__ import main
+
+    rc = main(["--model", str(tmp_path), "--out", str(tmp_path / "out"), "--data", str(DEMO_CORPUS), "--rungs", "Q4_K_M,Q9_X"])
+    assert rc == 2
+    assert "unknown GGUF quant type 'Q9_X'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
