@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data import tokenize_records
@@ -265,7 +265,3 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
         reference.logprobs._mmap.close()  # release before removing the scratch file
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return result
-
-
-def config_as_dict(config: GgufLadderConfig) -> dict:
-    return asdict(config)
