@@ -143,14 +143,18 @@ def test_rerun_reuses_finished_rungs_and_redoes_a_half_written_one(ladder_result
     result, out = ladder_result
     q8 = out / next(r["file"] for r in result["rungs"] if r["label"] == "Q8_0")
     q2 = out / next(r["file"] for r in result["rungs"] if r["label"] == "Q2_K")
-    q8_mtime = q8.stat().st_mtime_ns
+    iq2 = out / next(r["file"] for r in result["rungs"] if r["label"] == "IQ2_XS")
+    mtimes = {p: p.stat().st_mtime_ns for p in (q8, iq2, out / "imatrix.gguf")}
     # A rung cut short: the file is truncated (as if the rename had happened on a torn write).
     with open(q2, "r+b") as f:
         f.truncate(q2.stat().st_size // 2)
-    config = GgufLadderConfig(rungs=["Q2_K", "Q4_K_M", "Q8_0"], window=128, max_eval_tokens=512, n_threads=2,
-                              compare_with_transformers=False, plot=False)
-    again = run_gguf_ladder(model_dir=gpt2_llama_dir, out_dir=out, config=config, eval_texts=heldout_texts)
-    assert q8.stat().st_mtime_ns == q8_mtime  # reused
+    config = GgufLadderConfig(rungs=["Q2_K", "Q4_K_M", "Q8_0", "IQ2_XS"], window=128, max_eval_tokens=512, n_threads=2,
+                              compare_with_transformers=False, plot=False, imatrix_ctx=128, imatrix_chunks=16)
+    again = run_gguf_ladder(model_dir=gpt2_llama_dir, out_dir=out, config=config, eval_texts=heldout_texts,
+                            calibration_texts=load_text_records([str(DEMO_CORPUS)])[40:80])
+    # Finished rungs and the imatrix they were made with are reused, not recomputed.
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert again["imatrix"] == result["imatrix"]
     by_old = {r["label"]: r for r in result["rungs"]}
     by_new = {r["label"]: r for r in again["rungs"]}
     assert by_new["Q2_K"]["file_bytes"] == by_old["Q2_K"]["file_bytes"]  # remade whole

@@ -225,7 +225,14 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
                                                                                   reference=reference)
 
     imatrix = None
-    if plan.needs_imatrix:
+    # The imatrix is computed only when an imatrix rung still has to be made (a rerun after all of
+    # them finished reuses the record of the one they were made with).
+    pending_imatrix = [r for r in plan.rungs if r.use_imatrix
+                       and _load_record(records_dir / f"{r.label}.json", out_dir / r.file_name(plan.stem)) is None]
+    imatrix_record = records_dir / "imatrix.json"
+    if plan.needs_imatrix and not pending_imatrix and imatrix_record.is_file():
+        result["imatrix"] = json.loads(imatrix_record.read_text())
+    elif plan.needs_imatrix:
         calib_ids = tokenize_records(tokenizer, calibration_texts or [])
         n_calib = sum(len(d) for d in calib_ids)
         n_ctx = min(config.imatrix_ctx, n_calib // 2)
@@ -236,12 +243,17 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
                                   work_dir=scratch_dir, n_ctx=n_ctx, max_chunks=config.imatrix_chunks,
                                   n_threads=config.n_threads,
                                   log_path=logs_dir / "imatrix.log")
+        # A new imatrix makes every earlier imatrix rung stale: they are remade with this one.
+        for r in plan.rungs:
+            if r.use_imatrix:
+                (records_dir / f"{r.label}.json").unlink(missing_ok=True)
         shutil.copyfile(scratch_dir / "imatrix.gguf", out_dir / ".imatrix.gguf.tmp")
         os.replace(out_dir / ".imatrix.gguf.tmp", out_dir / "imatrix.gguf")
         result["imatrix"] = {"file": "imatrix.gguf", "tokens": imatrix.tokens, "chunks": imatrix.chunks, "n_ctx": n_ctx,
                              "entries": len(imatrix.values),
                              # Calibrating on the scored text would flatter the imatrix rungs.
                              "calibration_texts_also_scored": len(set(calibration_texts or []) & set(eval_texts))}
+        atomic_write_json(imatrix_record, result["imatrix"])
 
     try:
         for rung in plan.rungs:
