@@ -197,6 +197,8 @@ def _base_shape(cfg: PipelineConfig):
 
 
 def _merged_layers(cfg: PipelineConfig, base_layers: int) -> int:
+    if cfg.merge.merge_method == "auto" and cfg.merge.target_layers:
+        return cfg.merge.target_layers
     try:
         return planned_num_layers(cfg.merge, base_layers=base_layers)
     except ConfigError:

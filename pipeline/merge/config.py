@@ -52,3 +52,10 @@ class MergeConfig:
     # block_expansion: after every group of k layers, insert a copy of the group's last layer with
     # its attention and MLP output projections zeroed (the model still computes the same function).
     block_expansion_group_size: Optional[int] = None
+    # The pipeline's merge=auto (not a mergekit method; pipeline/stages/merge.py): the SOLAR-shaped seam
+    # [0, a) + [b, N) to target_layers layers chosen from a layer-similarity analysis of the base
+    # model, the auto_top_k best predicted seams (plus SOLAR's own) merged and scored by held-out
+    # perplexity on auto_tokens tokens; the winner's slices are merged (docs/analysis.md).
+    target_layers: Optional[int] = None
+    auto_top_k: int = 3
+    auto_tokens: int = 4096

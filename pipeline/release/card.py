@@ -279,6 +279,9 @@ def _merge_section(run: RunRecord) -> list[str]:
         f"This model was merged using the {method} merge method: slices of the source models' layer stacks "
         "are stacked in order, and no weights are averaged.",
         "",
+    ]
+    lines += _seam_choice(metrics.get("seam_analysis"))
+    lines += [
         "### Models Merged",
         "",
         "The following models were included in the merge:",
@@ -318,6 +321,32 @@ def _merge_section(run: RunRecord) -> list[str]:
         "```",
     ]
     return lines
+
+
+def _seam_choice(analysis: Optional[dict]) -> list[str]:
+    """Why these layers, for a merge=auto run (the merge stage's seam analysis)."""
+    if not analysis:
+        return []
+    rec, solar = analysis.get("recommended") or {}, analysis.get("solar") or {}
+
+    def seam(c: dict) -> str:
+        return " + ".join(f"[{lo}, {hi})" for lo, hi in c.get("slices") or [])
+
+    def ppl(c: dict) -> str:
+        v = c.get("measured_perplexity")
+        return f"{v:.2f}" if isinstance(v, (int, float)) else "not scored"
+
+    lines = [f"The seam was chosen from data (`merge=auto`, {analysis.get('target_layers')} layers): every "
+             "SOLAR-shaped merge [0, a) + [b, N) was ranked by the angular distance between the hidden states "
+             "that become neighbours at its seam, and the best predicted were merged and scored by held-out "
+             f"perplexity on {_int(analysis.get('num_tokens'))} tokens.", "",
+             "| seam | held-out perplexity before training |", "|---|---|"]
+    if analysis.get("base_perplexity"):
+        lines.append(f"| the base model itself | {analysis['base_perplexity']:.2f} |")
+    lines.append(f"| **{seam(rec)}** (chosen) | {ppl(rec)} |")
+    if solar and solar.get("slices") != rec.get("slices"):
+        lines.append(f"| {seam(solar)} (SOLAR's rule) | {ppl(solar)} |")
+    return lines + [""]
 
 
 def _data_cell(inputs: list[dict]) -> str:
