@@ -28,17 +28,13 @@ from pipeline.data import (
     sft_row_messages,
     split_records,
 )
-from pipeline.data.chat_masking import (
-    check_template_masks,
-    labels_from_mask,
-    masked_rows,
-    mistral_common_tokenizer_for,
-)
+from pipeline.data.chat_masking import check_template_masks, labels_from_mask, masked_rows, mistral_common_tokenizer_for
 from pipeline.errors import ConfigError
 from pipeline.log import log
 from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.training.callbacks import RecordingCollator
 from pipeline.training.model import load_causal_lm, trainer_kwargs
+from pipeline.training.verify import padded_batch
 
 FIXED_BATCH_EXAMPLES = 4
 
@@ -73,17 +69,6 @@ def load_named_conversations(cfg: PipelineConfig) -> tuple[list[list[dict]], lis
     if not conversations:
         raise ConfigError("data.sft_files", f"{list(cfg.data.sft_files)} contain no conversations")
     return conversations, names
-
-
-def padded_batch(tokenizer, rows: list[tuple[list[int], list[int]]]) -> dict[str, list[list[int]]]:
-    """input_ids/attention_mask/labels of (ids, labels) rows, right-padded to the longest."""
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {
-        "input_ids": [ids + [pad] * (width - len(ids)) for ids, _ in rows],
-        "attention_mask": [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows],
-        "labels": [lab + [-100] * (width - len(lab)) for _, lab in rows],
-    }
 
 
 def assistant_masked_batch(tokenizer, conversations: list[list[dict]], *, max_length: int,

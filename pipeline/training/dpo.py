@@ -33,6 +33,7 @@ from pipeline.data.preference import tokenize_pair
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, hash_text
 from pipeline.training.model import weights_dtype
+from pipeline.training.verify import padded_batch
 
 # trl 1.16 DPOConfig.loss_type values (dpo_config.py docstring and the dispatch in DPOTrainer._compute_loss).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -212,13 +213,7 @@ def preference_fixed_batch(tokenizer, pairs: list[dict], *, max_length: int) -> 
         t = tokenize_pair(tokenizer, p)
         ids = (t.prompt_ids + t.chosen_ids)[:max_length]
         rows.append((ids, [-100] * len(t.prompt_ids[:max_length]) + ids[len(t.prompt_ids):]))
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {
-        "input_ids": [ids + [pad] * (width - len(ids)) for ids, _ in rows],
-        "attention_mask": [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows],
-        "labels": [lab + [-100] * (width - len(lab)) for _, lab in rows],
-    }
+    return padded_batch(tokenizer, rows)
 
 
 def write_rank_record(path: Path, *, rank: int, world_size: int, served: list[str]) -> None:

@@ -120,5 +120,17 @@ def verify_in_fresh_process(model_dir: Path, batch_file: Path, *, expected_loss:
     return result
 
 
+
+def padded_batch(tokenizer, rows: list[tuple[list[int], list[int]]]) -> dict[str, list[list[int]]]:
+    """input_ids/attention_mask/labels of (ids, labels) rows, right-padded to the longest."""
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {
+        "input_ids": [ids + [pad] * (width - len(ids)) for ids, _ in rows],
+        "attention_mask": [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows],
+        "labels": [lab + [-100] * (width - len(lab)) for _, lab in rows],
+    }
+
+
 if __name__ == "__main__":
     main()
