@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError
 from pipeline.log import log
 from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.training.callbacks import RecordingCollator
-from pipeline.training.model import load_causal_lm, trainer_kwargs
+from pipeline.training.model import load_causal_lm, lora_config, trainer_kwargs
 from pipeline.training.verify import padded_batch
 
 FIXED_BATCH_EXAMPLES = 4
@@ -140,14 +140,8 @@ def build_sft_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
     args = TrlSFTConfig(**kwargs)
     model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
                            allow_pickle=cfg.model.allow_pickle)
-    peft_config = None
-    if sc.use_lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=sc.lora_r, lora_alpha=sc.lora_alpha, lora_dropout=sc.lora_dropout,
-                                 target_modules=sc.lora_target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=lora_config(sc))
     collator = RecordingCollator(trainer.data_collator)
     trainer.data_collator = collator
     data_stats = {"train_examples": len(split.train), "heldout_examples": len(split.heldout), **mask_stats}

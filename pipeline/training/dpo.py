@@ -32,7 +32,7 @@ from typing import Any
 from pipeline.data.preference import tokenize_pair
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, hash_text
-from pipeline.training.model import weights_dtype
+from pipeline.training.model import lora_config, weights_dtype
 from pipeline.training.verify import padded_batch
 
 # trl 1.16 DPOConfig.loss_type values (dpo_config.py docstring and the dispatch in DPOTrainer._compute_loss).
@@ -183,13 +183,8 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
         **settings.extra_trl_args,
     })
     model = load_policy(model_dir, bf16=bf16, attn=attn, trust_remote_code=trust_remote_code)
-    ref_model, peft_config = None, None
-    if settings.use_lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                                 target_modules=settings.lora_target_modules, task_type="CAUSAL_LM")
-    elif not settings.precompute_ref_log_probs:
+    ref_model, peft_config = None, lora_config(settings)
+    if peft_config is None and not settings.precompute_ref_log_probs:
         ref_model = load_policy(model_dir, bf16=bf16, attn=attn, trust_remote_code=trust_remote_code)
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,

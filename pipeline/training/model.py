@@ -190,3 +190,14 @@ def carry_tokenizer_source_files(*, input_dir: str | Path, model_dir: str | Path
             shutil.copyfile(src, dst)
             copied.append(name)
     return copied
+
+
+def lora_config(section):
+    """peft's LoraConfig from a config section with ``use_lora`` and ``lora_*`` fields (sft, dpo),
+    or None when the section trains every weight."""
+    if not section.use_lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
+                      target_modules=section.lora_target_modules, task_type="CAUSAL_LM")
