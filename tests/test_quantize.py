@@ -11,16 +11,14 @@ pre-tokenizer), and tiny Mistrals with BPE tokenizers trained here the way the d
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import DEMO_CORPUS
 
 from pipeline.data import load_text_records
 from pipeline.errors import ConfigError
-
-from conftest import DEMO_CORPUS
 
 # Stated bounds (nats, mean KL(reference || rung) over the scored positions) for the tiny random
 # Llama (its next-token distributions are flat, so all KLs are small; seen: Q8_0 1e-5, Q4_K_M 9e-4,
@@ -120,7 +118,7 @@ def test_rungs_load_in_llama_cpp_and_score_within_stated_kld(ladder_result):
 
 @pytest.mark.slow
 def test_ladder_reports_and_no_leftovers(ladder_result):
-    result, out = ladder_result
+    _, out = ladder_result
     on_disk = json.loads((out / "ladder.json").read_text())
     assert on_disk["complete"] and [r["label"] for r in on_disk["rungs"]] == LADDER
     md = (out / "ladder.md").read_text()

@@ -163,7 +163,7 @@ def _run_converter(*, install: LlamaCppInstall, model_dir: Path, out_path: Path,
     else:
         env["DUS_FORCED_PRE_TOKENIZER"] = forced_pre_tokenizer
         cmd = [sys.executable, "-c", _FORCED_PRE_TOKENIZER_SHIM, *args]
-    proc = subprocess.run(cmd, env=env, cwd=str(install.converter_script.parent), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=str(install.converter_script.parent), capture_output=True, text=True, check=False)
     if log_path is not None:
         log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

@@ -83,7 +83,7 @@ def compute_imatrix(*, install: LlamaCppInstall, reference_gguf: Path, calibrati
         cmd += ["-t", str(n_threads)]
     if max_chunks:
         cmd += ["--chunks", str(max_chunks)]
-    proc = subprocess.run(cmd, cwd=work_dir, env=install.tool_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=work_dir, env=install.tool_env(), capture_output=True, text=True, check=False)
     if log_path is not None:
         log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not out.is_file():
@@ -96,7 +96,7 @@ def compute_imatrix(*, install: LlamaCppInstall, reference_gguf: Path, calibrati
 def load_imatrix_gguf(*, install: LlamaCppInstall, path: Path, n_ctx: int) -> ImportanceMatrix:
     npz = path.with_suffix(".npz")
     proc = subprocess.run([sys.executable, "-c", _DUMP_SNIPPET, str(path), str(npz)], env=install.converter_env(),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ConfigError("quantize (imatrix)", f"could not read {path}: {proc.stderr.strip()[-400:]}", f"re-run {BUILD_SCRIPT}")
     raw = dict(np.load(npz))

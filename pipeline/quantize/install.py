@@ -102,7 +102,7 @@ def converter_architectures(converter_dir: str) -> frozenset[str]:
     install = find_llama_cpp()
     snippet = "import conversion, sys; sys.stdout.write('\\n'.join(sorted(conversion.TEXT_MODEL_MAP)))"
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=converter_dir, env=install.converter_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode != 0:
         raise ConfigError("quantize (llama.cpp)", f"the converter failed to list its architectures: {proc.stderr.strip()[-500:]}",
                           f"re-run {BUILD_SCRIPT}")

@@ -26,14 +26,23 @@ from pathlib import Path
 from pipeline.data import tokenize_records
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.fsutil import atomic_write_json, hash_path
-from pipeline.quantize.convert import (CheckpointFacts, check_architecture, choose_reference_type, convert_to_gguf,
-                                       read_checkpoint_facts)
+from pipeline.quantize.convert import (
+    CheckpointFacts,
+    check_architecture,
+    choose_reference_type,
+    convert_to_gguf,
+    read_checkpoint_facts,
+)
 from pipeline.quantize.fidelity import check_tokenizer_fidelity
 from pipeline.quantize.imatrix import ImportanceMatrix, compute_imatrix
 from pipeline.quantize.install import LlamaCppInstall, find_llama_cpp, import_llama_cpp
 from pipeline.quantize.report import write_ladder_reports
-from pipeline.quantize.score import (build_windows, compare_reference_with_transformers, score_against_reference,
-                                     score_reference)
+from pipeline.quantize.score import (
+    build_windows,
+    compare_reference_with_transformers,
+    score_against_reference,
+    score_reference,
+)
 from pipeline.quantize.types import DEFAULT_LADDER, QUANT_TYPES, Rung, llama_ftype, parse_ladder
 
 # Models above this are not loaded into transformers for the reference check (memory: the whole

@@ -8,37 +8,41 @@ from pipeline.fsutil import atomic_write_json, atomic_write_text
 
 
 def ladder_markdown(result: dict) -> str:
-    ref = result["reference"]
-    lines = [
-        f"# GGUF ladder: {result['model_name']}",
-        "",
+    ref, scoring = result["reference"], result["scoring"]
+    intro = (
         f"Reference: {ref['type']} GGUF under llama.cpp ({ref['why']}); every rung scored with llama.cpp on the same "
-        f"{ref['score']['positions']} held-out next-token positions ({result['scoring']['windows']} windows of "
-        f"{result['scoring']['window']} tokens). KLD = mean KL(reference || rung) in nats; top-1 = share of positions "
-        "where the rung's most likely next token is the reference's. Size in MB of 10^6 bytes (the file); bpw = "
-        "llama.cpp's tensor bytes x 8 / parameters. Wall s = quantize + score, on a shared machine (noisy).",
-        "",
-        "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {ref['type']} (reference) | {ref['file_mb']:.1f} | {ref['bpw']:.2f} | {ref['score']['perplexity']:.3f} | 0 | 0 | 1 | "
-        f"{ref['convert_s'] + ref['score']['score_s']:.1f} |",
-    ]
+        f"{ref['score']['positions']} held-out next-token positions ({scoring['windows']} windows of "
+        f"{scoring['window']} tokens). KLD = mean KL(reference || rung) in nats; top-1 = share of positions where "
+        "the rung's most likely next token is the reference's. Size in MB of 10^6 bytes (the file); bpw = "
+        "llama.cpp's tensor bytes x 8 / parameters. Wall s = quantize + score, on a shared machine (noisy)."
+    )
+    ref_row = (
+        f"| {ref['type']} (reference) | {ref['file_mb']:.1f} | {ref['bpw']:.2f} | {ref['score']['perplexity']:.3f} "
+        f"| 0 | 0 | 1 | {ref['convert_s'] + ref['score']['score_s']:.1f} |"
+    )
+    lines = [f"# GGUF ladder: {result['model_name']}", "", intro, "",
+             "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|", ref_row]
     for r in result["rungs"]:
         s = r["score"]
-        lines.append(f"| {r['label']} | {r['file_mb']:.1f} | {r['bpw']:.2f} | {s['perplexity']:.3f} | {s['mean_kld']:.5f} | "
-                     f"{s['kld_p99']:.4f} | {s['top1_agreement']:.4f} | {r['quantize_s'] + s['score_s']:.1f} |")
+        lines.append(f"| {r['label']} | {r['file_mb']:.1f} | {r['bpw']:.2f} | {s['perplexity']:.3f} | {s['mean_kld']:.5f} "
+                     f"| {s['kld_p99']:.4f} | {s['top1_agreement']:.4f} | {r['quantize_s'] + s['score_s']:.1f} |")
     hf = result.get("reference_vs_transformers")
     if hf:
-        lines += ["", f"Reference vs transformers (first window, {hf['positions']} positions): KLD {hf['mean_kld']:.2e}, "
-                      f"top-1 {hf['top1_agreement']:.4f}, max |log-prob diff| {hf['max_abs_logprob_diff']:.2e}."]
+        lines += ["", (f"Reference vs transformers (first window, {hf['positions']} positions): KLD "
+                       f"{hf['mean_kld']:.2e}, top-1 {hf['top1_agreement']:.4f}, max |log-prob diff| "
+                       f"{hf['max_abs_logprob_diff']:.2e}.")]
     tok = result["tokenizer_fidelity"]
-    lines += ["", f"Tokenizer: llama.cpp ids equal transformers' on {tok['texts_checked']} texts ({tok['tokens_checked']} "
-                  f"tokens){'; pre-tokenizer forced to ' + repr(tok['forced_pre_tokenizer']) if tok.get('forced_pre_tokenizer') else ''}."]
+    forced = f"; pre-tokenizer forced to {tok['forced_pre_tokenizer']!r}" if tok.get("forced_pre_tokenizer") else ""
+    lines += ["", (f"Tokenizer: llama.cpp ids equal transformers' on {tok['texts_checked']} texts "
+                   f"({tok['tokens_checked']} tokens){forced}.")]
     if result.get("imatrix"):
         im = result["imatrix"]
-        lines += ["", f"Importance matrix: llama-imatrix on {im['tokens']} calibration tokens ({im['chunks']} chunks of "
-                      f"{im['n_ctx']}); " + ("calibration text disjoint from the scored text." if not im.get("calibration_texts_also_scored")
-                                             else f"{im['calibration_texts_also_scored']} calibration texts are also scored (flatters the imatrix rungs).")]
+        overlap = im.get("calibration_texts_also_scored")
+        where = (f"{overlap} calibration texts are also scored (flatters the imatrix rungs)." if overlap
+                 else "calibration text disjoint from the scored text.")
+        lines += ["", (f"Importance matrix: llama-imatrix on {im['tokens']} calibration tokens ({im['chunks']} "
+                       f"chunks of {im['n_ctx']}); {where}")]
     if not result.get("complete", False):
         lines += ["", "**Incomplete**: the ladder stopped before every rung was made."]
     return "\n".join(lines) + "\n"
