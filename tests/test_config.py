@@ -39,6 +39,8 @@ def test_solar_recipe_is_the_papers(tmp_path):
     assert sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in cfg.merge.slices) == 48
     assert cfg.distributed.zero_stage == 3 and cfg.distributed.num_processes == 8
     assert cfg.cpt.enabled and cfg.sft.enabled
+    # The paper's fourth step (DPO on the sft model) and the quantized release are on too.
+    assert cfg.dpo.enabled and cfg.dpo.precompute_ref_log_probs and cfg.quantize.backend == "gguf"
 
 
 def test_demo_is_the_default(tmp_path):

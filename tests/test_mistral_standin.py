@@ -162,6 +162,7 @@ def solar_overrides(model_dir: Path, out: Path, *, sft_file: Path) -> list[str]:
     return [
         "experiment=solar_10.7b", f"model.name_or_path={model_dir}", "merge=dus", "merge.n_layers_removed=1",
         f"data.cpt_files=[{DEMO_DATA / 'corpus.txt'}]", f"data.sft_files=[{sft_file}]",
+        f"data.dpo_files=[{DEMO_DATA / 'preferences.jsonl'}]", "dpo.max_length=256", "dpo.gradient_checkpointing=false",
         "distributed=cpu_zero3", f"paths.output_root={out}", f"paths.cache_dir={out}/cache", "run_name=solar_standin",
         "cpt.seq_len=128", "cpt.per_device_train_batch_size=2", "cpt.gradient_accumulation_steps=1",
         "cpt.gradient_checkpointing=false",
@@ -321,7 +322,9 @@ def solar_sft_run(mistral_standin, tmp_path_factory):
     out = tmp_path_factory.mktemp("solar-sft")
     sft_file = out / "sft.jsonl"
     conversations = write_sft_rows(sft_file)
-    args = [*solar_overrides(mistral_standin, out, sft_file=sft_file), "cpt.enabled=false",
+    # The sft hand-off is what this run proves: dpo and the quant ladder stay off.
+    args = [*solar_overrides(mistral_standin, out, sft_file=sft_file), "cpt.enabled=false", "dpo.enabled=false",
+            "quantize=none",
             f"data.heldout_fraction={HELDOUT_FRACTION}", "sft.max_steps=2", "sft.save_steps=2", "sft.logging_steps=1",
             "eval.max_heldout_tokens=2048"]
     proc = run_pipeline(args, timeout=900)
