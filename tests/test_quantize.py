@@ -124,6 +124,8 @@ def test_ladder_reports_and_no_leftovers(ladder_result):
     md = (out / "ladder.md").read_text()
     assert "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | wall s |" in md and "| Q4_K_M |" in md
     assert (out / "ladder.png").stat().st_size > 1000
+    # llama.cpp's per-tensor quantize output went to the rung's log, not the console.
+    assert "llama_model_quantize" in (out / "logs" / "quantize-Q8_0.log").read_text(errors="replace")
     assert not list(out.glob(".*.partial")) and not (out / ".scratch").exists()
     # Nothing meant for publishing names a local absolute path (the model, output and calibration
     # files all live under this session's pytest directory).

@@ -15,11 +15,15 @@ of exactly that size, so a rerun after a crash redoes the rung that was in fligh
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import logging
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,8 +154,33 @@ def plan_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig, eva
                       needs_imatrix=needs_imatrix, estimated_bytes=estimate)
 
 
+@contextlib.contextmanager
+def _native_output_to(log_path: Path | None) -> Iterator[None]:
+    """Send llama.cpp's output while quantizing (a line per tensor, a warning per fallback) into
+    ``log_path`` instead of the console: both what the binding's log callback prints through
+    ``sys.stdout``/``sys.stderr`` and what C code writes to file descriptors 1 and 2."""
+    if log_path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log_path, "a", encoding="utf-8", errors="replace") as log_file:
+        try:
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+            with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+                yield
+                log_file.flush()
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def quantize_rung(*, llama_cpp, source: Path, dest: Path, rung: Rung, imatrix: ImportanceMatrix | None,
-                  n_threads: int | None) -> float:
+                  n_threads: int | None, log_path: Path | None = None) -> float:
     """``llama_model_quantize`` into a temporary name, renamed when it returned 0. Returns seconds."""
     tmp = dest.parent / f".{dest.name}.partial"
     tmp.unlink(missing_ok=True)
@@ -163,10 +192,20 @@ def quantize_rung(*, llama_cpp, source: Path, dest: Path, rung: Rung, imatrix: I
             raise StageFailed(f"{rung.label}: no importance matrix was computed")
         params.imatrix = imatrix.as_quantize_param(llama_cpp)
     start = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    # The binding's log callback drops llama.cpp's info lines once any Llama(verbose=False) was made
+    # (it sets this logger to ERROR); let them through into the rung's log while quantizing.
+    binding_logger = logging.getLogger("llama-cpp-python")
+    previous_level = binding_logger.level
+    binding_logger.setLevel(logging.INFO if log_path is not None else previous_level)
+    try:
+        with _native_output_to(log_path):
+            rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    finally:
+        binding_logger.setLevel(previous_level)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise StageFailed(f"llama_model_quantize failed for {rung.label} (return code {rc}); see llama.cpp's log above")
+        raise StageFailed(f"llama_model_quantize failed for {rung.label} (return code {rc}); llama.cpp's log: "
+                          f"{log_path if log_path else 'above'}")
     os.replace(tmp, dest)
     return time.perf_counter() - start
 
@@ -271,7 +310,7 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
             record = _load_record(record_path, gguf)
             if record is None:
                 quantize_s = quantize_rung(llama_cpp=llama_cpp, source=ref_path, dest=gguf, rung=rung, imatrix=imatrix,
-                                           n_threads=config.n_threads)
+                                           n_threads=config.n_threads, log_path=logs_dir / f"quantize-{rung.label}.log")
                 score, size, params = score_against_reference(gguf_path=gguf, windows=windows, reference=reference,
                                                               n_threads=config.n_threads, desc=rung.label)
                 record = {"label": rung.label, "type": rung.quant.name, "imatrix": rung.use_imatrix, "file": gguf.name,
