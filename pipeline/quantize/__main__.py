@@ -1,6 +1,6 @@
 """``python -m pipeline.quantize``: the GGUF ladder of one Hugging Face model directory.
 
-    python -m pipeline.quantize --model outputs/run/03_sft/model --out outputs/run/06_quantize \
+    python -m pipeline.quantize --model outputs/run/03_sft --out outputs/run/06_quantize \
         --data data/demo/corpus.txt --rungs Q4_K_M,Q8_0
 
 Scored and calibration text come from the held-out split of --data (--heldout-fraction, the

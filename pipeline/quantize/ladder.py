@@ -2,7 +2,7 @@
 the reference with llama.cpp on the same held-out tokens.
 
     from pipeline.quantize import GgufLadderConfig, run_gguf_ladder
-    result = run_gguf_ladder(model_dir=Path("outputs/run/03_sft/model"), out_dir=Path("outputs/run/06_quantize"),
+    result = run_gguf_ladder(model_dir=Path("outputs/run/03_sft"), out_dir=Path("outputs/run/06_quantize"),
                              config=GgufLadderConfig(), eval_texts=heldout, calibration_texts=calibration)
 
 Order of work: every check that can refuse the input (quant types, llama.cpp installed, the
