@@ -338,3 +338,58 @@ def test_push_passes_the_env_token_to_the_client_only(run_dir, tmp_path, monkeyp
     with pytest.raises(ConfigError) as e:
         push_release(out, repo_id="me/tiny-dus", private=True, dry_run=False)
     assert e.value.where == "HF_TOKEN"
+
+
+# ----------------------------------------------------------------------------- the quant ladder
+
+
+def _add_quantize_stage(run: Path) -> dict:
+    """A finished quantize stage made from the run's final (sft) model: two rung files and ladder.json
+    (the figures are made up; the ladder itself is tested in tests/test_quantize.py)."""
+    d = stage_dir(run, "quantize")
+    d.mkdir()
+    sft_key = read_manifest(stage_dir(run, "sft")).key
+    rungs = []
+    for label, mb, kld in (("Q4_K_M", 2.1, 0.06), ("Q8_0", 3.5, 0.005)):
+        name = f"tiny-{label}.gguf"
+        (d / name).write_bytes(b"GGUF" + bytes(int(mb * 1000)))
+        rungs.append({"label": label, "type": label, "imatrix": False, "file": name, "file_mb": mb, "bpw": 4.9 if mb < 3 else 8.5,
+                      "score": {"perplexity": 50.0 + 100 * kld, "mean_kld": kld, "top1_agreement": 1 - kld}})
+    ladder = {"model_name": "tiny", "complete": True, "rungs": rungs,
+              "reference": {"type": "F32", "file": "tiny-F32.gguf", "file_mb": 13.0, "bpw": 32.0,
+                            "score": {"perplexity": 50.0, "positions": 1024}}}
+    (d / "ladder.json").write_text(json.dumps(ladder))
+    (d / "ladder.png").write_bytes(b"\x89PNG\r\n\x1a\nladder")
+    write_manifest(d, stage="quantize", key="key-quantize", started_at=time.time(), model_dir=None, config={},
+                   metrics={}, inputs=[{"role": "model", "stage": "sft", "path": "x", "sha256": sft_key}])
+    return ladder
+
+
+def test_quant_ladder_goes_into_the_card_and_its_own_gguf_release(run_dir, tmp_path, monkeypatch, capsys):
+    from pipeline.release import run_release
+
+    run = _clone(run_dir, tmp_path / "run")
+    _add_quantize_stage(run)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    out = run_release(run_dir=run, push_to_hub=True, repo_id="me/tiny-dus", private=True, dry_run=True,
+                      token_env="HF_TOKEN")
+    card = (out / "README.md").read_text()
+    assert "## Quantized versions (GGUF)" in card and "me/tiny-dus-GGUF" in card
+    assert "| `tiny-Q4_K_M.gguf` | Q4_K_M | 2.1 |" in card and (out / "ladder.png").is_file()
+    assert not list(out.glob("*.gguf"))  # the model repo holds the safetensors model only
+    gguf = run / "release-gguf"
+    assert sorted(p.name for p in gguf.glob("*.gguf")) == ["tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf"]
+    gcard = (gguf / "README.md").read_text()
+    assert "base_model: me/tiny-dus" in gcard and "gguf" in gcard and "llama-cli -m" in gcard
+    printed = capsys.readouterr().out
+    assert "me/tiny-dus-GGUF" in printed and "tiny-Q8_0.gguf" in printed  # the dry run lists both repos
+
+
+def test_a_ladder_of_an_older_model_is_not_published(run_dir, tmp_path):
+    run = _clone(run_dir, tmp_path / "run")
+    _add_quantize_stage(run)
+    m = read_manifest(stage_dir(run, "quantize")).to_dict()
+    m["inputs"][0]["sha256"] = "another-sft"
+    atomic_write_json(stage_dir(run, "quantize") / "manifest.json", m)
+    out = build_release(run)
+    assert "Quantized versions" not in (out / "README.md").read_text() and not (run / "release-gguf").exists()

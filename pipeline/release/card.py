@@ -493,6 +493,67 @@ def _evaluation_section(run: RunRecord) -> list[str]:
     return lines
 
 
+def gguf_repo_id(repo_id: Optional[str]) -> Optional[str]:
+    return f"{repo_id}-GGUF" if repo_id else None
+
+
+def ladder_table(ladder: dict) -> list[str]:
+    ref = ladder["reference"]
+    rows = ["| file | quant | size (MB) | bits per weight | held-out ppl | KL divergence | top-1 agreement |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            f"| (not published) | {ref['type']} reference | {ref['file_mb']:.1f} | {ref['bpw']:.2f} | "
+            f"{ref['score']['perplexity']:.3f} | 0 | 1 |"]
+    for r in sorted(ladder["rungs"], key=lambda r: r["file_mb"]):
+        s = r["score"]
+        rows.append(f"| `{r['file']}` | {r['label']} | {r['file_mb']:.1f} | {r['bpw']:.2f} | {s['perplexity']:.3f} | "
+                    f"{s['mean_kld']:.4f} | {s['top1_agreement']:.3f} |")
+    return rows
+
+
+def _run_gguf_lines(file: str, repo: str) -> list[str]:
+    return ["```bash",
+            f"llama-cli -m {file} -cnv                        # llama.cpp",
+            f"ollama run hf.co/{repo}:{file.rsplit('-', 1)[-1].removesuffix('.gguf')}   # Ollama, straight from the Hub",
+            "```",
+            "LM Studio: search for the repository name and pick a file by its quant type."]
+
+
+def _quantized_section(run: RunRecord, repo_id: Optional[str]) -> list[str]:
+    if not run.ladder:
+        return []
+    repo = gguf_repo_id(repo_id) or "<this repo>-GGUF"
+    best = min((r for r in run.ladder["rungs"]), key=lambda r: abs(r["score"]["mean_kld"] - 0.01), default=None)
+    lines = ["## Quantized versions (GGUF)", "",
+             f"Made from this model with llama.cpp (`{repo}`), each file scored under llama.cpp against the "
+             f"unquantized {run.ladder['reference']['type']} GGUF on the same held-out tokens "
+             f"({run.ladder['reference']['score']['positions']} next-token positions): perplexity, mean KL "
+             "divergence and how often the most likely next token is the reference's.", "", *ladder_table(run.ladder)]
+    if (run.quantize_dir / "ladder.png").is_file():
+        lines += ["", "![Quality against size of every quantized file](ladder.png)"]
+    if best is not None:
+        lines += ["", "To run one:", "", *_run_gguf_lines(best["file"], repo)]
+    return lines
+
+
+def render_gguf_card(run: RunRecord, *, repo_id: Optional[str] = None) -> str:
+    """README.md of the GGUF repository: the ladder, how it was measured, how to run each file."""
+    from huggingface_hub import ModelCardData
+
+    repo_id = repo_id or run.release_cfg.get("repo_id")
+    name = repo_id.split("/")[-1] if repo_id else (run.run_name or run.run_dir.name)
+    meta = {"base_model": repo_id or name, "tags": ["gguf", "quantized", *BASE_TAGS], "library_name": "gguf",
+            "pipeline_tag": "text-generation"}
+    license = run.release_cfg.get("license")
+    if license:
+        meta["license"] = license
+    body = [f"# {name} GGUF", "",
+            f"GGUF files of [{name}]({'https://huggingface.co/' + repo_id if repo_id else '../'}) "
+            "(a depth up-scaled model, see its card), made and measured by dus-pipeline with llama.cpp.", "",
+            *_quantized_section(run, repo_id)[2:]]
+    front = ModelCardData(**meta).to_yaml()
+    return f"---\n{front}\n---\n\n" + "\n".join(body).rstrip("\n") + "\n"
+
+
 def _usage_section(run: RunRecord, repo_id: Optional[str]) -> list[str]:
     model_id = repo_id or "path/to/release"
     code = [
@@ -575,7 +636,7 @@ def render_card(run: RunRecord, *, license: Optional[str] = None, language: Any 
         body += ["The merged model was not trained further.", ""]
     for stage in trained:
         body += [*_training_section(run, stage), ""]
-    body += [*_evaluation_section(run), "", *_usage_section(run, repo_id), "",
+    body += [*_evaluation_section(run), "", *_quantized_section(run, repo_id), "", *_usage_section(run, repo_id), "",
              "## License and Language", "", *(f"- {n}" for n in notes), "", *_provenance_section(run)]
     front = ModelCardData(**meta).to_yaml()
     return f"---\n{front}\n---\n\n" + "\n".join(body).rstrip("\n") + "\n"

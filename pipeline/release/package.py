@@ -16,11 +16,13 @@ from pipeline.evaluation.results import write_results
 from pipeline.fsutil import atomic_output_dir, atomic_write_text
 from pipeline.log import log
 from pipeline.manifest import stage_dir
-from pipeline.release.card import published_merge_yaml, render_card
+from pipeline.release.card import published_merge_yaml, render_card, render_gguf_card
 from pipeline.release.record import (
     CARD_NAME,
     EXCLUDE_DIRS,
     EXCLUDE_NAMES,
+    GGUF_RELEASE_DIR_NAME,
+    LADDER_FILES,
     MERGEKIT_CONFIG_NAME,
     PICKLE_SUFFIXES,
     RELEASE_DIR_NAME,
@@ -118,10 +120,13 @@ def write_release_docs(run: RunRecord, out: Path, card: Optional[str] = None) ->
     for name in run.plots:
         _copy_replace(run.eval_dir / name, out / name)
         written.append(out / name)
+    if run.ladder and (run.quantize_dir / "ladder.png").is_file():
+        _copy_replace(run.quantize_dir / "ladder.png", out / "ladder.png")
+        written.append(out / "ladder.png")
     return written
 
 
-def build_release(run_dir: Path | str, out_dir: Path | str | None = None) -> Path:
+def build_release(run_dir: Path | str, out_dir: Path | str | None = None, *, repo_id: Optional[str] = None) -> Path:
     """``<run_dir>/release/`` (or ``out_dir``): the final model + card + merge config + results + plots.
 
     Written atomically (complete or not at all; an older release there is replaced). Loads with
@@ -132,16 +137,36 @@ def build_release(run_dir: Path | str, out_dir: Path | str | None = None) -> Pat
     _check_out_dir(run, out, replacing=True)
     src = run.model_dir()
     check_model_files(src)
-    card = render_card(run)
+    card = render_card(run, repo_id=repo_id)
     with atomic_output_dir(out, overwrite=True) as tmp:
         skipped = link_model_files(src, tmp)
         check_model_files(tmp)
         write_release_docs(run, tmp, card)
+    if run.ladder and out_dir is None:
+        build_gguf_release(run, run.run_dir / GGUF_RELEASE_DIR_NAME, repo_id=repo_id)
     left_out = sorted({rel.split("/", 1)[0] + ("/" if "/" in rel else "") for rel, why in skipped if why != "regenerated"})
     if left_out:
         log(f"left out of the release: {', '.join(left_out)}", where="release")
     log(f"{out} (the {run.final_stage} model, model card, mergekit config"
         + (", results" if run.results else "") + ")", where="release")
+    return out
+
+
+def build_gguf_release(run: RunRecord, out: Path, *, repo_id: Optional[str] = None) -> Path:
+    """``<run_dir>/release-gguf/``: every rung's GGUF file (hard links) with its own README.md (the
+    ladder and how to run each file) and the ladder's table and plot; published as <repo_id>-GGUF."""
+    files = [r["file"] for r in run.ladder["rungs"]]
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        for name in files:
+            try:
+                os.link(run.quantize_dir / name, tmp / name)  # no extra disk for GBs of GGUF files
+            except OSError:
+                shutil.copy2(run.quantize_dir / name, tmp / name)
+        for name in LADDER_FILES:
+            if (run.quantize_dir / name).is_file():
+                shutil.copyfile(run.quantize_dir / name, tmp / name)
+        atomic_write_text(tmp / CARD_NAME, render_gguf_card(run, repo_id=repo_id))
+    log(f"{out} ({len(files)} GGUF files, their card and ladder)", where="release")
     return out
 
 

@@ -16,46 +16,26 @@ from pipeline.errors import ConfigError
 from pipeline.manifest import Manifest, read_manifest, resolve_model_dir, stage_dir
 
 RELEASE_DIR_NAME = "release"
-
-
 CARD_NAME = "README.md"
-
-
 MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
-
-
 RESULTS_FILES = ("results.json", "results.md")
-
-
+GGUF_RELEASE_DIR_NAME = "release-gguf"  # the quant ladder's files, published as <repo_id>-GGUF
+LADDER_FILES = ("ladder.md", "ladder.png")
 PLOTS = (
     ("training.png", "Training loss across cpt and sft, with each stage's held-out perplexity"),
     ("tasks.png", "Every metric by stage"),
 )
-
-
 PAPER_URL = "https://arxiv.org/abs/2312.15166"
-
-
 MERGEKIT_URL = "https://github.com/arcee-ai/mergekit"
-
-
 MODEL_STAGES = ("merge", "cpt", "sft", "dpo")  # stages whose directory is a model, in pipeline order
-
-
 BASE_TAGS = ("mergekit", "merge", "depth-upscaling")
 
 
 # Not copied into a release: pipeline bookkeeping, resume state, and pickles (code run at load time).
 EXCLUDE_NAMES = {"manifest.json", "merge_metrics.json", "build_metrics.json", "trainer_state.json",
                   "training_args.bin", CARD_NAME, MERGEKIT_CONFIG_NAME}
-
-
 EXCLUDE_DIRS = {"logs", "checkpoints", "runs", "__pycache__"}
-
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -80,6 +60,11 @@ class RunRecord:
     plots: list[str] = field(default_factory=list)  # plot files present in NN_eval
     release_cfg: dict = field(default_factory=dict)  # the `release` section of <run_dir>/config.yaml
     run_name: str = ""  # run_name of <run_dir>/config.yaml, else the directory's name
+    ladder: Optional[dict] = None  # NN_quantize/ladder.json when the quantize stage ran on the released model
+
+    @property
+    def quantize_dir(self) -> Path:
+        return stage_dir(self.run_dir, "quantize")
 
     @property
     def base(self) -> dict:
@@ -137,7 +122,20 @@ def load_run(run_dir: Path | str) -> RunRecord:
     release_cfg = cfg.get("release") if isinstance(cfg.get("release"), dict) else {}
     return RunRecord(run_dir=run_dir, manifests=manifests, final_stage=final_stage, merge_yaml=yml.read_text(),
                      results=results, plots=plots, release_cfg=release_cfg,
-                     run_name=str(cfg.get("run_name") or run_dir.name))
+                     run_name=str(cfg.get("run_name") or run_dir.name), ladder=_read_ladder(run_dir, manifests, final_stage))
+
+
+def _read_ladder(run_dir: Path, manifests: dict, final_stage: str) -> Optional[dict]:
+    """The quant ladder of the released model: None without one, or when it was made from another
+    model (a stage re-run since)."""
+    import json
+
+    q = manifests.get("quantize")
+    path = stage_dir(run_dir, "quantize") / "ladder.json"
+    made_from = next((i for i in (q or {}).get("inputs", []) if i.get("role") == "model"), {})
+    if not q or not path.is_file() or made_from.get("sha256") != manifests[final_stage].get("key"):
+        return None
+    return json.loads(path.read_text())
 
 
 def _read_results(eval_dir: Path, manifest: dict) -> dict:
