@@ -85,7 +85,8 @@ def test_cpu_bf16_autocast_cpt_trains_and_its_export_verifies(tmp_path, tiny_bas
     manifest = run_stage(get_stage("cpt"), cfg)
     assert manifest.metrics["precision"] == "bf16"
     v = manifest.metrics["verification"]
-    assert v["rtol"] == 1e-4 and v["abs_diff"] <= 1e-4 * v["trained_fixed_batch_loss"]  # fp32 weights saved
+    # The trained model is compared in fp32, without the autocast wrapper, with the fp32 weights it saved.
+    assert v["rtol"] == 1e-4 and v["abs_diff"] <= 1e-6 * v["trained_fixed_batch_loss"]
     import json
 
     history = json.loads((out / "run" / "02_cpt" / "logs" / "log_history.json").read_text())

@@ -210,7 +210,11 @@ def export_and_verify(ctx: RankContext, setup: TrainerSetupLike, out_dir: Path, 
     save_target = out_dir / "adapter" if setup.saves_adapter else out_dir
     with disk_full_guard(save_target):
         setup.trainer.save_model(str(save_target))
-    trained_loss = fixed_batch_loss(setup.trainer.model, setup.fixed_batch)
+    model = setup.trainer.model
+    if ctx.bf16 and weights_dtype(ctx.bf16) == torch.float32:
+        # bf16 autocast on a CPU wraps forward; the export holds the fp32 weights: compare those, in fp32.
+        model = setup.trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    trained_loss = fixed_batch_loss(model, setup.fixed_batch)
     ctx.state.wait_for_everyone()
     if not ctx.is_main:
         return None
