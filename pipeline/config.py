@@ -144,13 +144,9 @@ class CPTConfig(TrainConfig):
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    learning_rate: float = 2.0e-5
-    max_length: int = 1024
-    # Compute the loss on assistant tokens only (+ their end-of-turn token), on any chat template:
-    # pipeline.data.chat_masking finds and verifies them (docs/chat-masking.md).
-    assistant_only_loss: bool = True
-    packing: bool = False
+class LoraSettings:
+    """LoRA instead of a full fine-tune (peft; the adapter is merged into the exported weights)."""
+
     use_lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -159,7 +155,17 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class SFTConfig(TrainConfig, LoraSettings):
+    learning_rate: float = 2.0e-5
+    max_length: int = 1024
+    # Compute the loss on assistant tokens only (+ their end-of-turn token), on any chat template:
+    # pipeline.data.chat_masking finds and verifies them (docs/chat-masking.md).
+    assistant_only_loss: bool = True
+    packing: bool = False
+
+
+@dataclass
+class DPOConfig(TrainConfig, LoraSettings):
     """DPO after sft (pipeline/stages/dpo.py, TRL's DPOTrainer). The reference is the input model."""
 
     enabled: bool = False
@@ -176,11 +182,6 @@ class DPOConfig(TrainConfig):
     rpo_alpha: Optional[float] = None
     # Reference log-probs computed once before training; no reference model kept in memory.
     precompute_ref_log_probs: bool = False
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all-linear"
 
 
 @dataclass

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import LoraSettings
 from pipeline.data.preference import tokenize_pair
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, hash_text
@@ -41,7 +42,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 @dataclass
-class DPOSettings:
+class DPOSettings(LoraSettings):
     """The DPO-specific settings (the Trainer's shared ones stay with the caller)."""
 
     beta: float = 0.1
@@ -52,11 +53,6 @@ class DPOSettings:
     # RPO: add rpo_alpha x NLL of the chosen reply (None: plain DPO). The RPO paper uses 1.0.
     rpo_alpha: float | None = None
     precompute_ref_log_probs: bool = False
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all-linear"
     extra_trl_args: dict[str, Any] = field(default_factory=dict)
 
 
