@@ -15,6 +15,8 @@ import argparse
 import json
 import math
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # SIGTERM (kill, a job scheduler) ends the run through the finally below, removing the merges.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,7 +96,7 @@ def main() -> None:
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(loss.item())
             seconds = time.perf_counter() - started
             after = measure_perplexity(model=model.eval(), token_batches=evals, progress=False)
             row = {"seam": [[0, a], [b, n_layers]], "heldout_ppl_before": before, "heldout_ppl_after": after,
