@@ -100,7 +100,8 @@ def main() -> None:
             seconds = time.perf_counter() - started
             after = measure_perplexity(model=model.eval(), token_batches=evals, progress=False)
             row = {"seam": [[0, a], [b, n_layers]], "heldout_ppl_before": before, "heldout_ppl_after": after,
-                   "train_loss_first10": sum(losses[:10]) / 10, "train_loss_last10": sum(losses[-10:]) / 10,
+                   "train_loss_first10": sum(losses[:10]) / len(losses[:10]),
+                   "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
                    "steps": args.steps, "tokens": args.steps * args.batch_size * args.seq_len,
                    "train_seconds": round(seconds, 1)}
             print(json.dumps(row), flush=True)
