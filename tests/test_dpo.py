@@ -3,7 +3,6 @@ preference metrics (pipeline/evaluation/preference.py): real trainer steps, no m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,19 +20,9 @@ from pipeline.errors import ConfigError
 from pipeline.data.preference import tokenize_pair
 from pipeline.evaluation.preference import evaluate_preferences, reply_logprobs
 from pipeline.training.dpo import DPOSettings, build_dpo_trainer, trl_loss_arguments, validate_dpo_settings
+from conftest import torch_threads
 
 MAX_LENGTH = 96
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """One intra-op thread: a tiny model is overhead-bound, and extra threads spin on shared cores."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
