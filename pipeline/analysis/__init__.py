@@ -7,8 +7,14 @@ docs/analysis.md.
 from pipeline.analysis.recommend import default_data_files, prepare_tokens, recommend_seam, source_depth
 from pipeline.analysis.report import SeamReport, write_report
 from pipeline.analysis.seams import (
-    Candidate, candidate_seams, enumerate_seams, passthrough_merge_config, score_candidates, select_for_scoring,
-    solar_seam, spearman_rho,
+    Candidate,
+    candidate_seams,
+    enumerate_seams,
+    passthrough_merge_config,
+    score_candidates,
+    select_for_scoring,
+    solar_seam,
+    spearman_rho,
 )
 from pipeline.analysis.similarity import LayerSimilarity, analyze_layers, load_causal_lm, measure_perplexity
 from pipeline.analysis.tokens import TokenBatches, heldout_token_batches

@@ -15,28 +15,32 @@ from typing import List, Optional, Sequence
 
 from pipeline.analysis.report import SeamReport, write_report
 from pipeline.analysis.seams import (
-    candidate_seams, check_target_depth, passthrough_merge_config, score_candidates, select_for_scoring,
-    solar_seam, spearman_rho, Candidate,
+    Candidate,
+    candidate_seams,
+    check_target_depth,
+    passthrough_merge_config,
+    score_candidates,
+    select_for_scoring,
+    solar_seam,
+    spearman_rho,
 )
 from pipeline.analysis.similarity import analyze_layers, load_causal_lm, measure_perplexity
 from pipeline.analysis.tokens import DEFAULT_HELDOUT_FRACTION, TokenBatches, check_data_files, heldout_token_batches
+from pipeline.config import REPO_ROOT
 from pipeline.errors import ConfigError
+from pipeline.merge import InputSlice, MergeConfig, OutputSlice, validate_merge
 
 DEFAULT_TOKENS = 4096
 DEFAULT_SEQ_LEN = 256
 
 
 def default_data_files() -> List[str]:
-    from pipeline.config import REPO_ROOT
-
     return [str(REPO_ROOT / "data" / "demo" / "corpus.txt")]
 
 
 def source_depth(model_dir: Path | str) -> int:
     """Layer count of ``model_dir``, read the way the merge reads it (ConfigError for anything the
     merge refuses: unknown architecture, missing config, pickle-only weights, ...)."""
-    from pipeline.merge import InputSlice, MergeConfig, OutputSlice, validate_merge
-
     probe = MergeConfig(slices=[OutputSlice(sources=[InputSlice(model=str(model_dir), layer_range=[0, 1])])])
     plan = validate_merge(probe)
     return plan.sources[str(model_dir)].num_layers
@@ -100,8 +104,6 @@ def recommend_seam(
     n_layers = source_depth(model_dir)
     check_target_depth(n_layers, target_layers, where="target_layers")
     a, b = solar_seam(n_layers, target_layers)
-    from pipeline.merge import validate_merge
-
     validate_merge(passthrough_merge_config(model_dir, Candidate(a, b, n_layers, 0.0)))
     select_for_scoring([], top_k)  # validates top_k
     tokens = prepare_tokens(model_dir, data_files=data_files, num_tokens=num_tokens, seq_len=seq_len,

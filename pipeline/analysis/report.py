@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 from pipeline.analysis.seams import Candidate
 from pipeline.analysis.similarity import LayerSimilarity
+from pipeline.fsutil import atomic_output_dir
 
 REPORT_JSON = "seam_report.json"
 REPORT_MD = "seam_report.md"
@@ -175,8 +176,6 @@ def plot_block_influence(similarity: LayerSimilarity, path: Path) -> None:
 def write_report(report: SeamReport, similarity: LayerSimilarity, out_dir: Path | str, *,
                  overwrite: bool = True) -> Dict[str, str]:
     """Write the report files into ``out_dir`` (built under a temporary name, renamed when complete)."""
-    from pipeline.fsutil import atomic_output_dir
-
     out_dir = Path(out_dir)
     names = {"report_json": REPORT_JSON, "report_md": REPORT_MD, "merge_yaml": MERGE_YAML,
              "heatmap_png": HEATMAP_PNG, "block_influence_png": BLOCK_INFLUENCE_PNG}

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from pipeline.analysis.similarity import LayerSimilarity, measure_perplexity
 from pipeline.errors import ConfigError
+from pipeline.merge import InputSlice, MergeConfig, OutputSlice, run_merge
 
 
 @dataclass
@@ -92,8 +93,6 @@ def candidate_seams(similarity: LayerSimilarity, target_layers: int) -> List[Can
 
 
 def passthrough_merge_config(model: str, candidate: Candidate, *, dtype: Optional[str] = None):
-    from pipeline.merge import InputSlice, MergeConfig, OutputSlice
-
     return MergeConfig(
         merge_method="passthrough",
         slices=[OutputSlice(sources=[InputSlice(model=model, layer_range=[lo, hi])]) for lo, hi in candidate.slices],
@@ -122,8 +121,6 @@ def score_candidates(
 ) -> List[Candidate]:
     """Merge each candidate (passthrough, into a temporary directory removed afterwards) and measure
     its held-out perplexity on ``token_batches``; fills ``measured_perplexity`` and ``measured_rank``."""
-    from pipeline.merge import run_merge
-
     tmp_root = Path(tempfile.mkdtemp(prefix="seams-", dir=str(work_dir) if work_dir else None))
     try:
         for cand in candidates:

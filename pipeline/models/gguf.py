@@ -19,6 +19,7 @@ from typing import Optional
 
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, file_lock, sha256_file
+from pipeline.log import log
 
 GGUF_MAGIC = b"GGUF"
 IMPORT_RECORD = "gguf_import.json"  # written last: its presence marks a complete conversion
@@ -130,8 +131,6 @@ def _convert(path: Path, final: Path, *, dtype: str, meta: dict, digest: str, pr
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    from pipeline.log import log
 
     log(f"converting {path.name} ({meta['architecture']}) into {final}", where="gguf")
     started = time.perf_counter()
