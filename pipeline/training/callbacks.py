@@ -40,20 +40,28 @@ def training_flops_per_token(config, n_params: int, seq_len: int) -> float:
     return 6 * n_params + 6 * layers * hidden * seq_len
 
 
+def token_fingerprint(token_ids) -> str:
+    return hashlib.sha1(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()[:16]
+
+
+def example_input_ids(example) -> list[int]:
+    ids = example["input_ids"]
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
 class RecordingCollator:
     """Wraps a data collator and remembers a fingerprint of every example this rank trained on
-    (the first ones), to prove that ranks are distinct and see different data."""
+    (the first ones), to prove that ranks are distinct and see different data. ``token_ids`` says
+    which of an example's token ids identify it (its input ids by default)."""
 
-    def __init__(self, collate, keep_first: int = 64):
-        self.collate, self.keep_first = collate, keep_first
+    def __init__(self, collate, keep_first: int = 64, token_ids=example_input_ids):
+        self.collate, self.keep_first, self.token_ids = collate, keep_first, token_ids
         self.served: list[str] = []
 
     def __call__(self, examples):
         for ex in examples:
             if len(self.served) < self.keep_first:
-                ids = ex["input_ids"]
-                ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-                self.served.append(hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:16])
+                self.served.append(token_fingerprint(self.token_ids(ex)))
         return self.collate(examples)
 
 

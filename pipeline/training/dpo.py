@@ -23,7 +23,6 @@ What TRL 1.16 offers and how this module maps the pipeline's settings onto it (r
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pipeline.config import LoraSettings
 from pipeline.data.preference import tokenize_pair
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, hash_text
+from pipeline.training.callbacks import RecordingCollator
 from pipeline.training.model import lora_config, weights_dtype
 from pipeline.training.verify import padded_batch
 
@@ -90,24 +90,17 @@ def drop_long_prompts(tokenizer, pairs: list[dict], *, max_prompt_length: int | 
     return kept, len(pairs) - len(kept)
 
 
-class RecordingPreferenceCollator:
-    """Wraps DPO's collator and remembers a fingerprint of each pair (prompt + chosen token ids) this
-    rank trained on: the proof that ranks are distinct and see different pairs."""
+def pair_token_ids(example) -> list[int]:
+    """A pair is identified by its prompt and chosen reply."""
+    return list(example["prompt_ids"]) + list(example["chosen_ids"])
+
+
+class RecordingPreferenceCollator(RecordingCollator):
+    """DPO's collator, remembering a fingerprint of each pair (prompt + chosen token ids) this rank
+    trained on: the proof that ranks are distinct and see different pairs."""
 
     def __init__(self, collate, keep_first: int = 256):
-        self.collate, self.keep_first = collate, keep_first
-        self.served: list[str] = []
-
-    def __call__(self, examples):
-        for ex in examples:
-            if len(self.served) < self.keep_first:
-                ids = list(ex["prompt_ids"]) + list(ex["chosen_ids"])
-                self.served.append(pair_fingerprint(ids))
-        return self.collate(examples)
-
-
-def pair_fingerprint(token_ids: list[int]) -> str:
-    return hashlib.sha1(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()[:16]
+        super().__init__(collate, keep_first, token_ids=pair_token_ids)
 
 
 def load_policy(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool = False):
