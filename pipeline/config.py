@@ -217,7 +217,7 @@ class QuantizeConfig:
     """The quantize stage after eval (pipeline/stages/quantize.py, conf/quantize/): a ladder of
     quantized files of the final model, each scored against the unquantized one."""
 
-    # none | gguf | exl2 (exl2 needs CUDA and is not implemented here yet).
+    # none | gguf (exl2 is not implemented: refused with a ConfigError).
     backend: str = "none"
     # llama-quantize type names; "TYPE+imatrix" for an imatrix rung (IQ1/IQ2/IQ3_XXS always get one).
     rungs: List[str] = field(default_factory=lambda: list(DEFAULT_QUANT_LADDER))

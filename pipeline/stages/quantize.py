@@ -6,7 +6,7 @@ each measured against the unquantized model.
 ``<model>-<TYPE>.gguf`` per rung, ``ladder.json`` / ``ladder.md`` / ``ladder.png`` (size, bpw,
 perplexity, KL divergence and top-1 agreement against the reference, on the run's held-out text)
 and, with IQ / ``+imatrix`` rungs, ``imatrix.gguf``. ``quantize=none`` (the default) skips it.
-``quantize.backend=exl2`` is refused on a machine without CUDA.
+``quantize.backend=exl2`` is refused: EXL2 is not implemented (docs/quantize.md).
 
 The input model is the last model-producing stage's (from the manifests, as every stage). The
 held-out records are the eval stage's (``data.cpt_files`` split by ``data.heldout_fraction``); half
@@ -29,13 +29,14 @@ from pipeline.fsutil import hash_path
 from pipeline.log import log
 from pipeline.manifest import StageInput
 from pipeline.quantize.data import split_eval_and_calibration
-from pipeline.quantize.exl2 import cuda_available
 from pipeline.quantize.install import find_llama_cpp
 from pipeline.quantize.ladder import GgufLadderConfig, run_gguf_ladder
 from pipeline.quantize.types import parse_ladder
 from pipeline.stages.stage import BaseStage, StageOutput, previous_model
 
-BACKENDS = ("none", "gguf", "exl2")
+BACKENDS = ("none", "gguf")
+# Asked for by users, not implemented: refused by name rather than as an unknown backend.
+NOT_IMPLEMENTED_BACKENDS = {"exl2": "EXL2 (exllamav2) quantization is not implemented in this pipeline"}
 
 
 def ladder_config(section: QuantizeConfig, *, file_stem: str) -> GgufLadderConfig:
@@ -72,13 +73,12 @@ class QuantizeStage(BaseStage):
 
     def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
         section = cfg.quantize
+        if section.backend in NOT_IMPLEMENTED_BACKENDS:
+            raise ConfigError("quantize.backend", f"'{section.backend}': {NOT_IMPLEMENTED_BACKENDS[section.backend]}",
+                              "use quantize=gguf (the GGUF ladder), or convert the released model with exllamav2's "
+                              "own convert.py on a CUDA machine")
         if section.backend not in BACKENDS:
             raise ConfigError("quantize.backend", f"unknown backend '{section.backend}'", f"use one of {', '.join(BACKENDS)}")
-        if section.backend == "exl2":
-            if not cuda_available():
-                raise ConfigError("quantize.backend", "EXL2 (exllamav2) needs a CUDA GPU and none is available here",
-                                  "use quantize=gguf on CPU, or run on a CUDA machine")
-            raise ConfigError("quantize.backend", "the EXL2 backend is not implemented yet", "use quantize=gguf")
         if section.backend == "none":
             return
         rungs = parse_ladder(section.rungs, field="quantize.rungs")
