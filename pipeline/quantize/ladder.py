@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pipeline.data import tokenize_records
 from pipeline.errors import ConfigError, StageFailed
-from pipeline.fsutil import atomic_write_json, hash_path
+from pipeline.fsutil import atomic_write_json, hash_path, sha256_file
 from pipeline.quantize.convert import (
     CheckpointFacts,
     check_architecture,
@@ -38,6 +38,7 @@ from pipeline.quantize.convert import (
     read_checkpoint_facts,
 )
 from pipeline.quantize.fidelity import check_tokenizer_fidelity
+from pipeline.quantize.gguf_file import format_type_mix, tensor_type_mix
 from pipeline.quantize.imatrix import ImportanceMatrix, compute_imatrix
 from pipeline.quantize.install import LlamaCppInstall, find_llama_cpp, import_llama_cpp
 from pipeline.quantize.report import write_ladder_reports
@@ -217,6 +218,17 @@ def _load_record(path: Path, gguf: Path) -> dict | None:
     return record if record.get("file_bytes") == gguf.stat().st_size else None
 
 
+def with_file_facts(record: dict, gguf: Path, record_path: Path) -> dict:
+    """The rung's record with what its file really holds (the share of parameters per tensor type,
+    read back from the file) and its sha256 (two rungs that came out as the same file are marked so);
+    added to a record written before these were kept."""
+    if "tensor_types" not in record or "sha256" not in record:
+        mix = tensor_type_mix(gguf)
+        record = {**record, "tensor_types": mix, "tensor_types_text": format_type_mix(mix), "sha256": sha256_file(gguf)}
+        atomic_write_json(record_path, record)
+    return record
+
+
 def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig, eval_texts: list[str],
                     calibration_texts: list[str] | None = None) -> dict:
     """Make and score the ladder; returns what ladder.json holds."""
@@ -317,7 +329,7 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
                           "file_bytes": gguf.stat().st_size, "file_mb": gguf.stat().st_size / 1e6,
                           "bpw": size * 8 / params, "quantize_s": quantize_s, "score": score.as_dict()}
                 atomic_write_json(record_path, record)
-            result["rungs"].append(record)
+            result["rungs"].append(with_file_facts(record, gguf, record_path))
             write_ladder_reports(result, out_dir, plot=False)
         result["complete"] = True
         write_ladder_reports(result, out_dir, plot=config.plot)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.fsutil import atomic_write_json, atomic_write_text
+from pipeline.quantize.gguf_file import mark_identical_rungs
 
 
 def ladder_markdown(result: dict) -> str:
@@ -14,19 +15,24 @@ def ladder_markdown(result: dict) -> str:
         f"{ref['score']['positions']} held-out next-token positions ({scoring['windows']} windows of "
         f"{scoring['window']} tokens). KLD = mean KL(reference || rung) in nats; top-1 = share of positions where "
         "the rung's most likely next token is the reference's. Size in MB of 10^6 bytes (the file); bpw = "
-        "llama.cpp's tensor bytes x 8 / parameters. Wall s = quantize + score, on a shared machine (noisy)."
+        "llama.cpp's tensor bytes x 8 / parameters. Tensor types = the share of parameters in each type, read "
+        "back from the file (llama.cpp falls back from k-quants on tensors whose rows are not a multiple of 256). "
+        "Wall s = quantize + score, on a shared machine (noisy)."
     )
     ref_row = (
         f"| {ref['type']} (reference) | {ref['file_mb']:.1f} | {ref['bpw']:.2f} | {ref['score']['perplexity']:.3f} "
-        f"| 0 | 0 | 1 | {ref['convert_s'] + ref['score']['score_s']:.1f} |"
+        f"| 0 | 0 | 1 | {ref['type']} | {ref['convert_s'] + ref['score']['score_s']:.1f} |"
     )
     lines = [f"# GGUF ladder: {result['model_name']}", "", intro, "",
-             "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | wall s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|", ref_row]
+             "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | tensor types | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|", ref_row]
+    mark_identical_rungs(result["rungs"])
     for r in result["rungs"]:
         s = r["score"]
-        lines.append(f"| {r['label']} | {r['file_mb']:.1f} | {r['bpw']:.2f} | {s['perplexity']:.3f} | {s['mean_kld']:.5f} "
-                     f"| {s['kld_p99']:.4f} | {s['top1_agreement']:.4f} | {r['quantize_s'] + s['score_s']:.1f} |")
+        label = r["label"] + (f" (same file as {r['same_file_as']})" if r.get("same_file_as") else "")
+        lines.append(f"| {label} | {r['file_mb']:.1f} | {r['bpw']:.2f} | {s['perplexity']:.3f} | {s['mean_kld']:.5f} "
+                     f"| {s['kld_p99']:.4f} | {s['top1_agreement']:.4f} | {r.get('tensor_types_text', '–')} "
+                     f"| {r['quantize_s'] + s['score_s']:.1f} |")
     hf = result.get("reference_vs_transformers")
     if hf:
         lines += ["", (f"Reference vs transformers (first window, {hf['positions']} positions): KLD "
@@ -76,7 +82,7 @@ def plot_ladder(result: dict, path: Path) -> None:
     ref = result["reference"]
     ax_ppl.axhline(ref["score"]["perplexity"], color="gray", linestyle=":", label=f"{ref['type']} reference")
     ax_ppl.set_xlabel("file size (MB)")
-    ax_ppl.set_ylabel("held-out perplexity")
+    ax_ppl.set_ylabel(f"perplexity under llama.cpp ({result['scoring']['window']}-token windows)")
     ax_ppl.legend()
     fig.suptitle(f"GGUF ladder of {result['model_name']}: quality vs size (llama.cpp, same held-out tokens)")
     fig.tight_layout()
@@ -87,6 +93,7 @@ def plot_ladder(result: dict, path: Path) -> None:
 
 
 def write_ladder_reports(result: dict, out_dir: Path, *, plot: bool) -> None:
+    mark_identical_rungs(result["rungs"])
     atomic_write_json(out_dir / "ladder.json", result)
     atomic_write_text(out_dir / "ladder.md", ladder_markdown(result))
     if plot and result["rungs"]:

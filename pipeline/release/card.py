@@ -497,23 +497,40 @@ def gguf_repo_id(repo_id: Optional[str]) -> Optional[str]:
     return f"{repo_id}-GGUF" if repo_id else None
 
 
+def ladder_perplexity_label(ladder: dict) -> str:
+    """The ladder's perplexity is llama.cpp's, on its own windows of half the held-out records (the
+    other half calibrates the imatrix): not the eval table's number, so not its label."""
+    scoring = ladder.get("scoring") or {}
+    return (f"ppl under llama.cpp ({scoring.get('window', '?')}-token windows, "
+            f"{_int(scoring.get('positions'))} scored positions)")
+
+
 def ladder_table(ladder: dict) -> list[str]:
     ref = ladder["reference"]
-    rows = ["| file | quant | size (MB) | bits per weight | held-out ppl | KL divergence | top-1 agreement |",
-            "|---|---|---:|---:|---:|---:|---:|",
+    rows = [f"| file | quant | size (MB) | bits per weight | {ladder_perplexity_label(ladder)} | KL divergence | top-1 agreement "
+            "| tensor types (share of parameters) |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
             f"| (not published) | {ref['type']} reference | {ref['file_mb']:.1f} | {ref['bpw']:.2f} | "
-            f"{ref['score']['perplexity']:.3f} | 0 | 1 |"]
+            f"{ref['score']['perplexity']:.3f} | 0 | 1 | {ref['type']} |"]
     for r in sorted(ladder["rungs"], key=lambda r: r["file_mb"]):
         s = r["score"]
-        rows.append(f"| `{r['file']}` | {r['label']} | {r['file_mb']:.1f} | {r['bpw']:.2f} | {s['perplexity']:.3f} | "
-                    f"{s['mean_kld']:.4f} | {s['top1_agreement']:.3f} |")
+        quant = r["label"] + (f" (**same file as {r['same_file_as']}**)" if r.get("same_file_as") else "")
+        rows.append(f"| `{r['file']}` | {quant} | {r['file_mb']:.1f} | {r['bpw']:.2f} | {s['perplexity']:.3f} | "
+                    f"{s['mean_kld']:.4f} | {s['top1_agreement']:.3f} | {r.get('tensor_types_text', '–')} |")
     return rows
 
 
-def _run_gguf_lines(file: str, repo: str) -> list[str]:
+def ollama_tag(rung: dict) -> str:
+    """The tag Ollama picks a file of a GGUF repository by: the rung's quant type (an imatrix rung's
+    file name ends in ``-imat``, which names no type)."""
+    return rung["type"]
+
+
+def _run_gguf_lines(rung: dict, repo: str) -> list[str]:
+    file = rung["file"]
     return ["```bash",
             f"llama-cli -m {file} -cnv                        # llama.cpp",
-            f"ollama run hf.co/{repo}:{file.rsplit('-', 1)[-1].removesuffix('.gguf')}   # Ollama, straight from the Hub",
+            f"ollama run hf.co/{repo}:{ollama_tag(rung)}   # Ollama, straight from the Hub",
             "```",
             "LM Studio: search for the repository name and pick a file by its quant type."]
 
@@ -531,7 +548,7 @@ def _quantized_section(run: RunRecord, repo_id: Optional[str]) -> list[str]:
     if (run.quantize_dir / "ladder.png").is_file():
         lines += ["", "![Quality against size of every quantized file](ladder.png)"]
     if best is not None:
-        lines += ["", "To run one:", "", *_run_gguf_lines(best["file"], repo)]
+        lines += ["", "To run one:", "", *_run_gguf_lines(best, repo)]
     return lines
 
 
