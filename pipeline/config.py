@@ -96,6 +96,10 @@ class DataConfig:
     dpo_format: str = "auto"
     # Share of records held out for evaluation (chosen by content hash: stable across runs).
     heldout_fraction: float = 0.05
+    # Share of records in the selection split (pipeline/data/splits.py): the records after the
+    # held-out ones by the same content hash, used to *choose* (merge=auto's seam; conf/merge/auto.yaml
+    # sets 0.05), never scored by eval and not trained on by cpt. 0 = no selection split.
+    selection_fraction: float = 0.0
 
 
 @dataclass

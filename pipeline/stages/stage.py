@@ -32,7 +32,8 @@ from pipeline.training.launch import launch_training
 # Config fields added after run directories already existed, with their defaults: a field enters a
 # stage's key only when it is set to something else, so runs made before it was added stay up to date.
 ADDED_LATER = {"model": {"gguf_file": None},
-               "merge": {"target_layers": None, "auto_top_k": 3, "auto_tokens": 4096}}
+               "merge": {"target_layers": None, "auto_top_k": 3, "auto_tokens": 4096},
+               "data": {"selection_fraction": 0.0}}
 # Data fields only the dpo stage reads (and eval, when dpo runs): other stages' keys leave them out,
 # so adding preference data re-runs neither cpt nor sft.
 PREFERENCE_DATA_FIELDS = ("dpo_files", "dpo_format")
@@ -46,7 +47,7 @@ def section_for_key(name: str, values: dict) -> dict:
 
 
 def data_for_key(cfg: PipelineConfig, *, reads_preference_data: bool) -> dict:
-    data = asdict(cfg.data)
+    data = section_for_key("data", asdict(cfg.data))
     return data if reads_preference_data else {k: v for k, v in data.items() if k not in PREFERENCE_DATA_FIELDS}
 
 
