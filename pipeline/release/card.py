@@ -336,16 +336,31 @@ def _seam_choice(analysis: Optional[dict]) -> list[str]:
         v = c.get("measured_perplexity")
         return f"{v:.2f}" if isinstance(v, (int, float)) else "not scored"
 
+    split = analysis.get("split") or {}
+    if split.get("name") == "selection":
+        h, sel = split.get("heldout_fraction", 0), split.get("selection_fraction", 0)
+        tokens = (f"{_int(analysis.get('num_tokens'))} tokens of the selection split (records at content-hash "
+                  f"position [{h:g}, {h + sel:g}): neither the held-out records the evaluation below scores nor "
+                  "continued pretraining's)")
+        column = "selection-split perplexity before training"
+    else:  # a report written before the selection split: chosen on the held-out records
+        tokens = (f"{_int(analysis.get('num_tokens'))} held-out tokens (the same records the evaluation below "
+                  "scores, so its numbers favour the chosen seam)")
+        column = "held-out perplexity before training"
     lines = [f"The seam was chosen from data (`merge=auto`, {analysis.get('target_layers')} layers): every "
              "SOLAR-shaped merge [0, a) + [b, N) was ranked by the angular distance between the hidden states "
-             "that become neighbours at its seam, and the best predicted were merged and scored by held-out "
-             f"perplexity on {_int(analysis.get('num_tokens'))} tokens.", "",
-             "| seam | held-out perplexity before training |", "|---|---|"]
+             f"that become neighbours at its seam, and the best predicted were merged and scored by perplexity on "
+             f"{tokens}.", "", f"| seam | {column} |", "|---|---|"]
     if analysis.get("base_perplexity"):
         lines.append(f"| the base model itself | {analysis['base_perplexity']:.2f} |")
     lines.append(f"| **{seam(rec)}** (chosen) | {ppl(rec)} |")
     if solar and solar.get("slices") != rec.get("slices"):
         lines.append(f"| {seam(solar)} (SOLAR's rule) | {ppl(solar)} |")
+    rho, n = analysis.get("spearman_rho"), analysis.get("spearman_n")
+    if isinstance(rho, (int, float)) and n:
+        # Only given from 6 scored seams on (pipeline.analysis.seams.MIN_SPEARMAN_SEAMS), always with its n.
+        lines += ["", f"Spearman's rho between predicted damage and measured perplexity: {rho:.2f} "
+                      f"(n = {n}: {analysis.get('spearman_over') or 'scored seams'})."]
     return lines + [""]
 
 
