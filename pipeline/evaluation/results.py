@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from pipeline.config import STAGES
+from pipeline.evaluation.leaderboard import board_markdown
 from pipeline.evaluation.metrics import AVERAGE_KEY, HELDOUT, RESULTS_JSON, RESULTS_MD, SFT_HELDOUT
 from pipeline.fsutil import atomic_write_json, atomic_write_text
 
@@ -113,10 +114,22 @@ def summarize(results: Mapping[str, Mapping[str, float]], *, chance: Mapping[str
     return lines
 
 
-def results_markdown(results: Mapping[str, Mapping[str, float]], *, chance: Mapping[str, float] | None = None) -> str:
+def results_markdown(results: Mapping[str, Mapping[str, float]], *, chance: Mapping[str, float] | None = None,
+                     leaderboard: Mapping | None = None) -> str:
+    """``leaderboard``: results.json's ``leaderboard`` section (``leaderboard.board_info``): the
+    seed's table goes first, and its tasks' metrics leave the general table."""
     columns = metric_columns(results)
+    lines = ["# Evaluation", ""]
+    if leaderboard:
+        lines += ["## Open LLM Leaderboard v1 (offline)", "",
+                  board_markdown({s: results[s] for s in stage_order(results)}, leaderboard), ""]
+        board_tasks = set(leaderboard.get("tasks") or {})
+        columns = [c for c in columns if c.partition("/")[0] not in board_tasks]
+        if not columns:
+            return "\n".join(lines)
+        lines += ["## Other metrics", ""]
     header = ["stage"] + [COLUMN_LABELS.get(c, c) for c in columns]
-    lines = ["# Evaluation", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for stage in stage_order(results):
         row = [stage]
         for col in columns:
@@ -141,17 +154,21 @@ def results_markdown(results: Mapping[str, Mapping[str, float]], *, chance: Mapp
 
 
 def write_results(
-    results: Mapping[str, Mapping[str, float]], out_dir: Path | str, *, chance: Mapping[str, float] | None = None
+    results: Mapping[str, Mapping[str, float]], out_dir: Path | str, *, chance: Mapping[str, float] | None = None,
+    leaderboard: Mapping | None = None,
 ) -> None:
     """``results.json`` (``{"stages": {stage: metrics}, "chance": ..., "summary": [...]}``) and
     ``results.md`` (one row per stage, one column per metric, plus what the numbers show).
 
     ``chance``: metric key -> chance level (e.g. ``{"dus_mc/acc": mc_chance_accuracy()}``).
+    ``leaderboard``: the Open LLM Leaderboard run's n, shots and contamination counts
+    (``leaderboard.board_info``), kept as results.json's ``leaderboard`` and shown as the seed's table.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = {s: dict(results[s]) for s in stage_order(results)}
-    atomic_write_json(out_dir / RESULTS_JSON, {
-        "stages": ordered, "chance": dict(chance or {}), "summary": summarize(ordered, chance=chance),
-    })
-    atomic_write_text(out_dir / RESULTS_MD, results_markdown(ordered, chance=chance))
+    payload = {"stages": ordered, "chance": dict(chance or {}), "summary": summarize(ordered, chance=chance)}
+    if leaderboard:
+        payload["leaderboard"] = dict(leaderboard)
+    atomic_write_json(out_dir / RESULTS_JSON, payload)
+    atomic_write_text(out_dir / RESULTS_MD, results_markdown(ordered, chance=chance, leaderboard=leaderboard))
