@@ -33,7 +33,8 @@ from pipeline.training.launch import launch_training
 # stage's key only when it is set to something else, so runs made before it was added stay up to date.
 ADDED_LATER = {"model": {"gguf_file": None},
                "merge": {"target_layers": None, "auto_top_k": 3, "auto_tokens": 4096},
-               "data": {"selection_fraction": 0.0}}
+               "data": {"selection_fraction": 0.0},
+               "eval": {"harness_preset": None, "decontaminate": False}}
 # Data fields only the dpo stage reads (and eval, when dpo runs): other stages' keys leave them out,
 # so adding preference data re-runs neither cpt nor sft.
 PREFERENCE_DATA_FIELDS = ("dpo_files", "dpo_format")
