@@ -20,7 +20,7 @@ EXIT_CONFIG_ERROR = 2
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.analysis.recommend import DEFAULT_TOKENS
-    from pipeline.analysis.tokens import DEFAULT_HELDOUT_FRACTION
+    from pipeline.analysis.tokens import DEFAULT_HELDOUT_FRACTION, DEFAULT_SELECTION_FRACTION
 
     ap = argparse.ArgumentParser(prog="python -m pipeline.analyze", description=(
         "Layer similarity of a causal LM (Block Influence, angular distances) and the best seam "
@@ -31,8 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text data (.txt/.jsonl/.json/.parquet; repeatable) [default: data/demo/corpus.txt]")
     ap.add_argument("--text-column", default="text", help="column holding the text in .jsonl/.json/.parquet [text]")
     ap.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
-                    help="keep the records the pipeline holds out at this fraction; 0 or less = every record "
+                    help="the pipeline's data.heldout_fraction: these records (eval's test set) are never used "
                          f"[{DEFAULT_HELDOUT_FRACTION}]")
+    ap.add_argument("--selection-fraction", type=float, default=DEFAULT_SELECTION_FRACTION,
+                    help="score on the selection split: the records after the held-out ones by content hash "
+                         f"(the pipeline's data.selection_fraction) [{DEFAULT_SELECTION_FRACTION}]")
+    ap.add_argument("--all-records", action="store_true",
+                    help="score on every record of --data instead (a file set aside for choosing)")
     ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"analysis tokens [{DEFAULT_TOKENS}]")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per block [min(256, context)]")
     ap.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass [4]")
@@ -54,6 +59,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pipeline.analysis import recommend_seam
 
     try:
+        if not args.all_records:
+            for flag, value in (("--heldout-fraction", args.heldout_fraction), ("--selection-fraction", args.selection_fraction)):
+                if not 0.0 <= value < 1.0:
+                    raise ConfigError(flag, f"must be in [0, 1), got {value}", "or pass --all-records")
+            if args.selection_fraction <= 0 or args.heldout_fraction + args.selection_fraction >= 1.0:
+                raise ConfigError("--selection-fraction", f"{args.selection_fraction} (with --heldout-fraction "
+                                  f"{args.heldout_fraction}) leaves no selection split or no training records",
+                                  "use e.g. --selection-fraction 0.05, or --all-records")
         model = args.model
         if model.endswith(".gguf"):
             from pipeline.models.gguf import import_gguf
@@ -63,7 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = recommend_seam(
             model, target_layers=args.target_layers, top_k=args.top_k, data_files=args.data, num_tokens=args.tokens,
             seq_len=args.seq_len, batch_size=args.batch_size,
-            heldout_fraction=args.heldout_fraction if args.heldout_fraction > 0 else None,
+            heldout_fraction=None if args.all_records else args.heldout_fraction,
+            selection_fraction=args.selection_fraction,
             text_column=args.text_column, out_dir=out, model_ref=args.model_ref, device=args.device,
             dtype=args.dtype, work_dir=args.work_dir, progress=not args.no_progress)
     except ConfigError as e:
@@ -76,6 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "solar_perplexity": report.solar.measured_perplexity,
         "solar_measured_rank": report.solar.measured_rank,
         "spearman_rho": report.spearman_rho,
+        "spearman_n": len(report.scored),
         "report": report.paths.get("report_md"),
         "merge_yaml": report.paths.get("merge_yaml"),
     }

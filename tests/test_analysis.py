@@ -207,6 +207,26 @@ def test_recommend_seam_writes_report_and_usable_merge_yaml(identity_model, tmp_
     assert [ls.layer for ls in plan.layer_map] == list(range(a)) + list(range(b, n))
     assert f"[0, {a}) + [{b}, 6)" in paths["report_md"].read_text()
     assert not list(tmp_path.glob(".report*"))  # no partial dir left
+    # 2-3 seams the prediction picked: no rank correlation is given, and the report says why, with n.
+    n = len(report.scored)
+    assert report.spearman_rho is None and data_json["spearman_rho"] is None and data_json["spearman_n"] == n
+    assert f"Spearman's rho: not given (n = {n} scored seams, below 6" in paths["report_md"].read_text()
+    assert data_json["split"] == {"name": "all records"}
+
+
+def test_spearman_rho_is_given_with_its_n_from_six_scored_seams(identity_model, tmp_path):
+    """6 layers -> 7: 2N - L + 1 = 6 candidate seams, all scored: rho is given, labelled n = 6, all seams."""
+    data = write_word_corpus(tmp_path / "words.txt")
+    with torch_threads(1):
+        report = recommend_seam(identity_model, target_layers=7, top_k=6, data_files=[str(data)], num_tokens=256,
+                                seq_len=64, heldout_fraction=None, out_dir=tmp_path / "report", device="cpu",
+                                progress=False)
+    assert len(report.scored) == len(report.candidates) == 6
+    expected = spearman_rho([c.predicted_damage for c in report.scored], [c.measured_perplexity for c in report.scored])
+    assert report.spearman_rho == pytest.approx(expected)
+    md = Path(report.paths["report_md"]).read_text()
+    assert f"{report.spearman_rho:.3f} (n = 6: all candidate seams)" in md
+    assert json.loads(Path(report.paths["report_json"]).read_text())["spearman_over"] == "all candidate seams"
 
 
 def test_cli_end_to_end_on_demo_base(tiny_base_model_dir, tiny_data_dir, tmp_path):
@@ -227,6 +247,9 @@ def test_cli_end_to_end_on_demo_base(tiny_base_model_dir, tiny_data_dir, tmp_pat
     best = min(scored, key=lambda c: c["measured_perplexity"])
     assert summary["recommended_slices"] == best["slices"] == report["recommended_slices"]
     assert summary["solar_slices"] == [[0, 3], [1, 4]]
+    # Scored on the selection split (after the held-out 5% by content hash), never on eval's held-out records.
+    assert report["split"] == {"name": "selection", "heldout_fraction": 0.05, "selection_fraction": 0.05}
+    assert "tokens of the selection split (records at content-hash position [0.05, 0.1)" in (out / "seam_report.md").read_text()
     # Not a broken merge (on this undertrained 4-layer model a duplicated layer can even help a little).
     assert best["measured_perplexity"] < 2 * report["base_perplexity"]
     yaml_text = (out / "recommended_merge.yml").read_text()
@@ -303,3 +326,11 @@ def test_cli_bad_input_exits_2_with_one_line(identity_model, tmp_path):
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: target_layers: 5 is not deeper")
+
+
+def test_cli_refuses_an_empty_selection_split(identity_model, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.analyze", str(identity_model), "--target-layers", "8",
+                           "--selection-fraction", "0"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --selection-fraction: 0.0")

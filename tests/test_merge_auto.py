@@ -14,12 +14,12 @@ from pipeline.merge import MergeConfig
 from pipeline.stages import get_stage
 
 
-def auto_cfg(tmp_path, model_dir, corpus, **merge) -> PipelineConfig:
+def auto_cfg(tmp_path, model_dir, corpus, selection_fraction=0.2, **merge) -> PipelineConfig:
     out = tmp_path / "out"
     return PipelineConfig(
         model=ModelConfig(name_or_path=str(model_dir)),
         merge=MergeConfig(merge_method="auto", **{"target_layers": 6, "auto_top_k": 2, "auto_tokens": 256, **merge}),
-        data=DataConfig(cpt_files=[str(corpus)], heldout_fraction=0.2),
+        data=DataConfig(cpt_files=[str(corpus)], heldout_fraction=0.2, selection_fraction=selection_fraction),
         paths=PathsConfig(run_dir=str(out / "run"), cache_dir=str(tmp_path / "cache"), output_root=str(out)),
     )
 
@@ -52,6 +52,58 @@ def test_auto_merge_chooses_scores_and_records_the_seam(tmp_path, tiny_base_mode
     card = "\n".join(_merge_section(load_run(tmp_path / "out" / "run")))
     chosen = " + ".join(f"[{lo}, {hi})" for lo, hi in analysis["slices"])
     assert "chosen from data (`merge=auto`, 6 layers)" in card and f"| **{chosen}** (chosen) |" in card
+    assert "tokens of the selection split (records at content-hash position [0.2, 0.4)" in card
+    assert "held-out perplexity" not in card and "Spearman" not in card  # 2-3 scored seams: no rho
+
+
+def test_auto_merge_scores_on_the_selection_split_never_on_evals_heldout_tokens(tmp_path, tiny_base_model_dir,
+                                                                                 tiny_data_dir):
+    """The seam's numbers are measured on the selection split: the base perplexity in the report is the
+    base model's perplexity on the selection records' tokens, not on the held-out tokens eval reports."""
+    from transformers import AutoTokenizer
+
+    from pipeline.analysis.similarity import load_causal_lm, measure_perplexity
+    from pipeline.analysis.tokens import heldout_token_batches, split_token_batches
+    from pipeline.data.splits import RecordSplits
+
+    corpus = tiny_data_dir / "corpus.txt"
+    cfg = auto_cfg(tmp_path, tiny_base_model_dir, corpus)
+    run_stage(get_stage("base"), cfg)
+    report = run_stage(get_stage("merge"), cfg).metrics["seam_analysis"]
+    assert report["split"] == {"name": "selection", "heldout_fraction": 0.2, "selection_fraction": 0.2}
+    tok = AutoTokenizer.from_pretrained(str(tiny_base_model_dir))
+    common = dict(num_tokens=256, seq_len=256, batch_size=4)  # the analysis' own settings (context 256)
+    selection = split_token_batches(tok, [str(corpus)], splits=RecordSplits(0.2, 0.2), **common)
+    heldout = heldout_token_batches(tok, [str(corpus)], heldout_fraction=0.2, **common)  # eval's first tokens
+    model = load_causal_lm(str(tiny_base_model_dir), device="cpu")
+    on_selection = measure_perplexity(model=model, token_batches=selection, progress=False)
+    on_heldout = measure_perplexity(model=model, token_batches=heldout, progress=False)
+    assert report["base_perplexity"] == pytest.approx(on_selection, rel=1e-4)
+    assert abs(on_heldout - on_selection) > 1e-3 * on_selection  # different tokens, a different number
+
+
+def test_auto_merge_without_a_selection_split_is_refused(tmp_path, tiny_base_model_dir, tiny_data_dir):
+    cfg = auto_cfg(tmp_path, tiny_base_model_dir, tiny_data_dir / "corpus.txt", selection_fraction=0.0)
+    with pytest.raises(ConfigError, match="merge=auto chooses on the selection split") as e:
+        get_stage("merge").check(cfg, ["merge"])
+    assert e.value.where == "data.selection_fraction"
+
+
+def test_a_selection_split_too_small_is_refused_before_the_model_loads(tmp_path, tiny_base_model_dir, tiny_data_dir,
+                                                                        monkeypatch):
+    import pipeline.analysis.recommend as recommend_module
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the selection split was checked")
+
+    monkeypatch.setattr(recommend_module, "load_causal_lm", refuse)
+    cfg = auto_cfg(tmp_path, tiny_base_model_dir, tiny_data_dir / "corpus.txt", selection_fraction=0.01,
+                   auto_tokens=200_000)
+    run_stage(get_stage("base"), cfg)
+    with pytest.raises(ConfigError, match=r"asked for 200000 tokens but the selection split \(records at "
+                                          r"content-hash position \[0.2, 0.21\)") as e:
+        run_stage(get_stage("merge"), cfg)
+    assert e.value.where == "merge.auto_tokens" and "raise data.selection_fraction" in e.value.fix
 
 
 @pytest.mark.parametrize("merge, message", [

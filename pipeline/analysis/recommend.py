@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 from pipeline.analysis.report import SeamReport, write_report
 from pipeline.analysis.seams import (
+    MIN_SPEARMAN_SEAMS,
     Candidate,
     candidate_seams,
     check_target_depth,
@@ -25,8 +26,15 @@ from pipeline.analysis.seams import (
     spearman_rho,
 )
 from pipeline.analysis.similarity import analyze_layers, load_causal_lm, measure_perplexity
-from pipeline.analysis.tokens import DEFAULT_HELDOUT_FRACTION, TokenBatches, check_data_files, heldout_token_batches
+from pipeline.analysis.tokens import (
+    DEFAULT_HELDOUT_FRACTION,
+    DEFAULT_SELECTION_FRACTION,
+    TokenBatches,
+    check_data_files,
+    split_token_batches,
+)
 from pipeline.config import REPO_ROOT
+from pipeline.data.splits import SELECTION, RecordSplits
 from pipeline.errors import ConfigError
 from pipeline.merge import InputSlice, MergeConfig, OutputSlice, validate_merge
 
@@ -56,7 +64,12 @@ def _context_length(model_dir: Path) -> Optional[int]:
 
 
 def prepare_tokens(model_dir: Path | str, *, data_files: Sequence[str], num_tokens: int, seq_len: Optional[int],
-                   batch_size: int, heldout_fraction: Optional[float], text_column: str) -> TokenBatches:
+                   batch_size: int, heldout_fraction: Optional[float],
+                   selection_fraction: float = DEFAULT_SELECTION_FRACTION, text_column: str = "text",
+                   txt_document_separator: str = "\n\n\n", max_record_chars: int = 4000,
+                   tokens_field: str = "--tokens", fraction_field: str = "--selection-fraction") -> TokenBatches:
+    """The analysis tokens: the selection split of ``data_files`` at these fractions
+    (``pipeline.data.splits``; ``heldout_fraction=None``: every record)."""
     from transformers import AutoTokenizer
 
     check_data_files(data_files)
@@ -66,9 +79,12 @@ def prepare_tokens(model_dir: Path | str, *, data_files: Sequence[str], num_toke
     elif context is not None and seq_len > context:
         raise ConfigError("--seq-len", f"{seq_len} exceeds the model's max_position_embeddings ({context})",
                           f"use --seq-len {context} or less")
+    splits = None if heldout_fraction is None else RecordSplits(heldout_fraction, selection_fraction)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    return heldout_token_batches(tokenizer, data_files, num_tokens=num_tokens, seq_len=seq_len,
-                                 batch_size=batch_size, heldout_fraction=heldout_fraction, text_column=text_column)
+    return split_token_batches(tokenizer, data_files, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size,
+                               splits=splits, which=SELECTION, text_column=text_column,
+                               txt_document_separator=txt_document_separator, max_record_chars=max_record_chars,
+                               tokens_field=tokens_field, fraction_field=fraction_field)
 
 
 def recommend_seam(
@@ -81,7 +97,12 @@ def recommend_seam(
     seq_len: Optional[int] = None,
     batch_size: int = 4,
     heldout_fraction: Optional[float] = DEFAULT_HELDOUT_FRACTION,
+    selection_fraction: float = DEFAULT_SELECTION_FRACTION,
     text_column: str = "text",
+    txt_document_separator: str = "\n\n\n",
+    max_record_chars: int = 4000,
+    tokens_field: str = "--tokens",
+    fraction_field: str = "--selection-fraction",
     out_dir: Path | str | None = None,
     model_ref: Optional[str] = None,
     device: Optional[str] = None,
@@ -92,8 +113,11 @@ def recommend_seam(
 ) -> SeamReport:
     """Choose the seam of a SOLAR-shaped merge of ``model_dir`` to ``target_layers`` layers.
 
-    The top ``top_k`` seams by predicted damage, plus SOLAR's own, are merged and scored by held-out
-    perplexity on the analysis tokens; the lowest wins. ``report.slices`` is the winner as plain
+    The top ``top_k`` seams by predicted damage, plus SOLAR's own, are merged and scored by perplexity
+    on the analysis tokens; the lowest wins. The tokens come from the selection split
+    (``pipeline.data.splits``: records at content-hash position [heldout_fraction, heldout_fraction +
+    selection_fraction), never the held-out records eval scores); ``heldout_fraction=None`` takes
+    every record of ``data_files`` (data set aside for choosing). ``report.slices`` is the winner as plain
     data ``[(0, a), (b, N)]``; with ``out_dir`` the report files are written there and their paths
     are in ``report.paths`` (``merge_yaml`` is the mergekit config of the winner). ``model_ref`` is
     the model name written into that YAML (default: ``model_dir`` as given).
@@ -107,7 +131,10 @@ def recommend_seam(
     validate_merge(passthrough_merge_config(model_dir, Candidate(a, b, n_layers, 0.0)))
     select_for_scoring([], top_k)  # validates top_k
     tokens = prepare_tokens(model_dir, data_files=data_files, num_tokens=num_tokens, seq_len=seq_len,
-                            batch_size=batch_size, heldout_fraction=heldout_fraction, text_column=text_column)
+                            batch_size=batch_size, heldout_fraction=heldout_fraction,
+                            selection_fraction=selection_fraction, text_column=text_column,
+                            txt_document_separator=txt_document_separator, max_record_chars=max_record_chars,
+                            tokens_field=tokens_field, fraction_field=fraction_field)
 
     model = load_causal_lm(model_dir, device=device, dtype=dtype)
     similarity = analyze_layers(model=model, token_batches=tokens, progress=progress, total_batches=len(tokens))
@@ -129,11 +156,17 @@ def recommend_seam(
     scoring_seconds = time.perf_counter() - started
     recommended = min(to_score, key=lambda c: (c.measured_perplexity, c.predicted_rank))
     solar = next(c for c in candidates if c.is_solar)
-    rho = spearman_rho([c.predicted_damage for c in to_score], [c.measured_perplexity for c in to_score])
+    # Over a handful of seams the prediction itself picked, a rank correlation says little: none below
+    # MIN_SPEARMAN_SEAMS, and always reported with its n.
+    rho = (spearman_rho([c.predicted_damage for c in to_score], [c.measured_perplexity for c in to_score])
+           if len(to_score) >= MIN_SPEARMAN_SEAMS else None)
+    split = ({"name": "all records"} if heldout_fraction is None else
+             {"name": SELECTION, "heldout_fraction": heldout_fraction, "selection_fraction": selection_fraction})
     report = SeamReport(
         model=model_ref or model_dir, source_layers=n_layers, target_layers=target_layers,
         num_tokens=tokens.num_tokens, base_perplexity=similarity.perplexity, candidates=candidates,
-        recommended=recommended, solar=solar, spearman_rho=rho, analysis_seconds=similarity.seconds,
+        recommended=recommended, solar=solar, spearman_rho=rho, split=split,
+        analysis_seconds=similarity.seconds,
         plain_forward_seconds=plain_seconds, scoring_seconds=scoring_seconds, similarity=similarity,
     )
     if out_dir is not None:

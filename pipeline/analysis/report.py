@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from pipeline.analysis.seams import Candidate
+from pipeline.analysis.seams import MIN_SPEARMAN_SEAMS, Candidate
 from pipeline.analysis.similarity import LayerSimilarity
 from pipeline.fsutil import atomic_output_dir
 
@@ -29,10 +29,13 @@ class SeamReport:
     candidates: List[Candidate]  # all seams, by predicted rank; scored ones carry measured_perplexity
     recommended: Candidate  # lowest measured perplexity among the scored
     solar: Candidate
-    spearman_rho: Optional[float]  # predicted damage vs measured perplexity, over the scored candidates
+    spearman_rho: Optional[float]  # predicted damage vs measured perplexity over the scored; None below MIN_SPEARMAN_SEAMS
     analysis_seconds: float
     plain_forward_seconds: Optional[float] = None
     scoring_seconds: Optional[float] = None
+    # Which records the tokens came from: {"name": "selection", "heldout_fraction", "selection_fraction"}
+    # (pipeline.data.splits), or {"name": "all records"}.
+    split: Dict[str, object] = field(default_factory=dict)
     paths: Dict[str, str] = field(default_factory=dict)  # name -> file, once written
     similarity: Optional[LayerSimilarity] = field(default=None, repr=False)
 
@@ -44,6 +47,31 @@ class SeamReport:
     @property
     def scored(self) -> List[Candidate]:
         return [c for c in self.candidates if c.measured_perplexity is not None]
+
+    @property
+    def spearman_over(self) -> str:
+        """What rho's n counts: every candidate seam, or only those the prediction picked for scoring."""
+        n = len(self.scored)
+        return ("all candidate seams" if n == len(self.candidates)
+                else f"the {n} seams picked by the prediction itself (and SOLAR's), of {len(self.candidates)}")
+
+    def tokens_text(self) -> str:
+        """Where the scored tokens came from, for people."""
+        if self.split.get("name") == "selection":
+            h, s = self.split["heldout_fraction"], self.split["selection_fraction"]
+            return (f"{self.num_tokens} tokens of the selection split (records at content-hash position "
+                    f"[{h:g}, {h + s:g}): not the held-out records eval scores)")
+        return f"{self.num_tokens} tokens of every record of the data given"
+
+    def spearman_text(self) -> str:
+        n = len(self.scored)
+        if self.spearman_rho is not None:
+            return (f"Spearman's rho between predicted damage and measured perplexity: {self.spearman_rho:.3f} "
+                    f"(n = {n}: {self.spearman_over}).")
+        if n < MIN_SPEARMAN_SEAMS:
+            return (f"Spearman's rho: not given (n = {n} scored seams, below {MIN_SPEARMAN_SEAMS}: a rank correlation "
+                    f"over {self.spearman_over} says little; score more with --top-k / merge.auto_top_k).")
+        return f"Spearman's rho: undefined (n = {n}; a constant side)."
 
     def to_dict(self, similarity: Optional[LayerSimilarity] = None) -> dict:
         similarity = similarity or self.similarity
@@ -59,6 +87,9 @@ class SeamReport:
             "solar_measured_rank": self.solar.measured_rank,
             "num_scored": len(self.scored),
             "spearman_rho": self.spearman_rho,
+            "spearman_n": len(self.scored),  # how many seams rho is (or would be) over
+            "spearman_over": self.spearman_over,
+            "split": self.split,
             "analysis_seconds": self.analysis_seconds,
             "plain_forward_seconds": self.plain_forward_seconds,
             "scoring_seconds": self.scoring_seconds,
@@ -75,7 +106,7 @@ def merge_yaml_text(report: SeamReport) -> str:
     """mergekit passthrough YAML of the recommended seam (``merge.config_file`` reads it as is)."""
     (a0, a1), (b0, b1) = report.slices
     header = (f"# Seam chosen by `python -m pipeline.analyze` for {report.source_layers} -> {report.target_layers} layers:\n"
-              f"# lowest held-out perplexity ({report.recommended.measured_perplexity:.4g}) of "
+              f"# lowest perplexity on the selection split ({report.recommended.measured_perplexity:.4g}) of "
               f"{len(report.scored)} scored seams (SOLAR's [0, {report.solar.first_end}) + "
               f"[{report.solar.second_start}, {report.source_layers}): {_fmt(report.solar.measured_perplexity)}).\n"
               f"# Use: python -m pipeline merge=from_file merge.config_file=<this file>\n")
@@ -96,15 +127,14 @@ def markdown_text(report: SeamReport, similarity: LayerSimilarity) -> str:
     lines = [
         f"# Seam report: {report.model}, {report.source_layers} -> {report.target_layers} layers",
         "",
-        f"Held-out tokens: {report.num_tokens}; perplexity of the unmodified model: {report.base_perplexity:.4g}.",
+        f"Scored on {report.tokens_text()}; perplexity of the unmodified model: {report.base_perplexity:.4g}.",
         "",
         f"**Recommended:** `[0, {rec.first_end}) + [{rec.second_start}, {report.source_layers})`, "
         f"perplexity {_fmt(rec.measured_perplexity)} (predicted rank {rec.predicted_rank}).",
         f"SOLAR's seam `[0, {solar.first_end}) + [{solar.second_start}, {report.source_layers})`: perplexity "
         f"{_fmt(solar.measured_perplexity)}, rank {solar.measured_rank} of {len(report.scored)} scored "
         f"(predicted rank {solar.predicted_rank} of {len(report.candidates)}).",
-        f"Spearman's rho between predicted damage and measured perplexity over the scored seams: "
-        f"{_fmt(report.spearman_rho, 3)}" + (" (fewer than 3 scored, or a constant side)" if report.spearman_rho is None else "") + ".",
+        report.spearman_text(),
         "",
         f"Merge config: `{MERGE_YAML}` (`python -m pipeline merge=from_file merge.config_file=...`).",
         "",

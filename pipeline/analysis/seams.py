@@ -36,7 +36,7 @@ class Candidate:
     predicted_damage: float  # d(h_b, h_a) on the source model
     is_solar: bool = False
     predicted_rank: int = 0  # 1 = least predicted damage
-    measured_perplexity: Optional[float] = None  # held-out perplexity of the merged model (None = not scored)
+    measured_perplexity: Optional[float] = None  # perplexity of the merged model on the analysis tokens (None = not scored)
     measured_rank: Optional[int] = None  # 1 = lowest perplexity among the scored candidates
     merge_seconds: Optional[float] = None
     eval_seconds: Optional[float] = None
@@ -120,7 +120,7 @@ def score_candidates(
     progress: bool = True,
 ) -> List[Candidate]:
     """Merge each candidate (passthrough, into a temporary directory removed afterwards) and measure
-    its held-out perplexity on ``token_batches``; fills ``measured_perplexity`` and ``measured_rank``."""
+    its perplexity on ``token_batches``; fills ``measured_perplexity`` and ``measured_rank``."""
     tmp_root = Path(tempfile.mkdtemp(prefix="seams-", dir=str(work_dir) if work_dir else None))
     try:
         for cand in candidates:
@@ -154,6 +154,11 @@ def _ranks(values: Sequence[float]) -> List[float]:
             ranks[order[k]] = (i + j) / 2 + 1
         i = j + 1
     return ranks
+
+
+# Below this many scored seams no rank correlation is reported: the scored seams are the few the
+# prediction itself ranked best (plus SOLAR's), so rho over 3-4 of them validates little.
+MIN_SPEARMAN_SEAMS = 6
 
 
 def spearman_rho(x: Sequence[float], y: Sequence[float]) -> Optional[float]:

@@ -19,6 +19,7 @@ from pipeline.checks.estimates import (
     shape_from_demo,
 )
 from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.data.splits import check_split_fractions
 from pipeline.errors import ConfigError
 from pipeline.fsutil import fmt_bytes
 from pipeline.log import log
@@ -42,8 +43,8 @@ class PreflightFailed(ConfigError):
 
 
 def check_data_settings(cfg: PipelineConfig, stages: list[str]) -> None:
-    if not 0.0 <= cfg.data.heldout_fraction < 1.0:
-        raise ConfigError("data.heldout_fraction", f"must be in [0, 1), got {cfg.data.heldout_fraction}")
+    # The held-out and selection splits' shares, each in [0, 1), leaving records to train on.
+    check_split_fractions(cfg.data.heldout_fraction, cfg.data.selection_fraction)
 
 
 def check_stages(cfg: PipelineConfig, stages: list[str]) -> None:

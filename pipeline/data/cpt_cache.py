@@ -30,7 +30,8 @@ from typing import Iterator
 
 import torch
 
-from pipeline.data import is_heldout, is_hub_dataset_name, iter_packed_blocks, iter_text_records, tokenize_records
+from pipeline.data import is_hub_dataset_name, iter_packed_blocks, iter_text_records, tokenize_records
+from pipeline.data.splits import HELDOUT, SELECTION, RecordSplits
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_json, file_lock, hash_path
 
@@ -97,6 +98,8 @@ def cache_key(cfg, tokenizer, sources: list[TextSource]) -> str:
         "heldout_fraction": d.heldout_fraction, "seq_len": cfg.cpt.seq_len, "seed": cfg.cpt.seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    if d.selection_fraction:  # only when set: caches made before the selection split stay valid
+        spec["selection_fraction"] = d.selection_fraction
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -107,10 +110,16 @@ def _num_proc(cfg) -> int:
 
 # --- functions run by datasets.map (module level so worker processes can pickle them) ---------
 
-def _records(name: str, text_column: str, separator: str, max_chars: int, fraction: float) -> Iterator[dict]:
+def _records(name: str, text_column: str, separator: str, max_chars: int, fraction: float,
+             selection_fraction: float = 0.0) -> Iterator[dict]:
+    """Train and held-out records; the selection split's (pipeline.data.splits) are left out: cpt
+    neither trains on nor verifies with the records that choose (merge=auto's seam, a checkpoint)."""
+    splits = RecordSplits(fraction, selection_fraction)
     for text in iter_text_records(name, text_column=text_column, txt_document_separator=separator,
                                   max_record_chars=max_chars):
-        yield {"text": text, "heldout": is_heldout(text, fraction)}
+        split = splits.of(text)
+        if split != SELECTION:
+            yield {"text": text, "heldout": split == HELDOUT}
 
 
 def _tokenize(batch: dict, tokenizer) -> dict:
@@ -205,7 +214,8 @@ def _build_cache(cfg, tokenizer, sources: list[TextSource], final: Path) -> None
         records = datasets.Dataset.from_generator(
             _records, cache_dir=str(work / f"src{i}"),
             gen_kwargs={"name": src.name, "text_column": d.text_column, "separator": d.txt_document_separator,
-                        "max_chars": d.max_record_chars, "fraction": d.heldout_fraction},
+                        "max_chars": d.max_record_chars, "fraction": d.heldout_fraction,
+                        "selection_fraction": d.selection_fraction},
         )
         if len(records) == 0:
             raise ConfigError("data.cpt_files", f"{src.name} contains no text", "check the file is not empty")
@@ -285,7 +295,8 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
     def _train_records(self, src: TextSource) -> Iterator[str]:
         d = self.data
-        for row in _records(src.name, d.text_column, d.txt_document_separator, d.max_record_chars, d.heldout_fraction):
+        for row in _records(src.name, d.text_column, d.txt_document_separator, d.max_record_chars, d.heldout_fraction,
+                            d.selection_fraction):
             if not row["heldout"]:
                 yield row["text"]
 
@@ -327,7 +338,8 @@ def streaming_heldout(cfg, tokenizer):
     d = cfg.data
     docs = []
     for src in cpt_sources(cfg):
-        for row in _records(src.name, d.text_column, d.txt_document_separator, d.max_record_chars, d.heldout_fraction):
+        for row in _records(src.name, d.text_column, d.txt_document_separator, d.max_record_chars, d.heldout_fraction,
+                            d.selection_fraction):
             if row["heldout"]:
                 docs.append(_tokenize({"text": [row["text"]]}, tokenizer)["input_ids"][0])
     rows = _pack({"input_ids": docs}, cfg.cpt.seq_len)

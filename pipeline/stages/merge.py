@@ -19,6 +19,7 @@ from pipeline.analysis.recommend import recommend_seam
 from pipeline.analysis.report import REPORT_JSON, REPORT_MD
 from pipeline.analysis.seams import check_target_depth
 from pipeline.config import PipelineConfig
+from pipeline.data.splits import RecordSplits, require_selection_split
 from pipeline.errors import ConfigError
 from pipeline.fsutil import file_lock, link_or_copy_tree
 from pipeline.log import log
@@ -26,7 +27,7 @@ from pipeline.manifest import StageInput, require_stage, resolve_model_dir, stag
 from pipeline.merge import InputSlice, MergeConfig, OutputSlice, run_merge, validate_merge
 from pipeline.merge.plan import planned_num_layers
 from pipeline.models.gguf import check_gguf_file, read_gguf_metadata, resolve_package_file
-from pipeline.stages.stage import BaseStage, StageOutput, section_for_key
+from pipeline.stages.stage import BaseStage, StageOutput, data_for_key, section_for_key
 
 MERGE_METRICS = "merge_metrics.json"  # in the cache entry only: a merge without it is redone
 
@@ -62,6 +63,9 @@ def check_demo_slices(cfg: PipelineConfig) -> None:
 
 
 AUTO = "auto"
+# The data settings that decide which records merge=auto scores on (pipeline.data.splits).
+SELECTION_DATA_FIELDS = ("cpt_files", "text_column", "txt_document_separator", "max_record_chars", "heldout_fraction",
+                         "selection_fraction")
 SEAM_ANALYSIS_DIR = "seam_analysis"  # in the merge's directory: the report that chose merge=auto's slices
 
 
@@ -75,6 +79,8 @@ def check_auto_merge(cfg: PipelineConfig) -> None:
     if m.slices or m.config_file or m.n_layers_removed is not None or m.block_expansion_group_size is not None:
         raise ConfigError("merge.merge_method", "auto chooses the slices itself",
                           "remove merge.slices / config_file / n_layers_removed / block_expansion_group_size")
+    # The seam is chosen on the selection split, never on the held-out records eval scores.
+    require_selection_split(RecordSplits.from_data(cfg.data), needed_by="merge=auto")
     if m.auto_top_k < 1 or m.auto_tokens < 2:
         raise ConfigError("merge.auto_top_k", f"auto_top_k={m.auto_top_k}, auto_tokens={m.auto_tokens}",
                           "use auto_top_k >= 1 and auto_tokens >= 2")
@@ -114,9 +120,15 @@ def chosen_merge(cfg: PipelineConfig, base_dir: str, cached: Path) -> tuple[Merg
         slices = [tuple(s) for s in report["recommended"]["slices"]]
     else:
         log(f"merge=auto: choosing the seam to {m.target_layers} layers from the base model's layer similarity")
+        d = cfg.data
+        splits = RecordSplits.from_data(d)
+        log(f"merge=auto: scoring on {splits.describe()}")
         result = recommend_seam(base_dir, target_layers=m.target_layers, top_k=m.auto_top_k,
-                                data_files=list(cfg.data.cpt_files), num_tokens=m.auto_tokens,
-                                heldout_fraction=cfg.data.heldout_fraction, text_column=cfg.data.text_column,
+                                data_files=list(d.cpt_files), num_tokens=m.auto_tokens,
+                                heldout_fraction=d.heldout_fraction, selection_fraction=d.selection_fraction,
+                                text_column=d.text_column, txt_document_separator=d.txt_document_separator,
+                                max_record_chars=d.max_record_chars, tokens_field="merge.auto_tokens",
+                                fraction_field="data.selection_fraction",
                                 out_dir=report_dir, model_ref=cfg.model.name_or_path, time_plain_forward=False)
         report = json.loads((report_dir / REPORT_JSON).read_text())
         slices = list(result.slices)
@@ -124,7 +136,8 @@ def chosen_merge(cfg: PipelineConfig, base_dir: str, cached: Path) -> tuple[Merg
                      slices=[OutputSlice(sources=[InputSlice(model=base_dir, layer_range=[lo, hi])]) for lo, hi in slices])
     log(f"merge=auto: {' + '.join(f'[{lo}, {hi})' for lo, hi in slices)} (report: {report_dir / REPORT_MD})")
     summary = {"target_layers": m.target_layers, "slices": [list(s) for s in slices], "report": SEAM_ANALYSIS_DIR,
-               **{k: report.get(k) for k in ("spearman_rho", "base_perplexity", "num_tokens")},
+               **{k: report.get(k) for k in ("spearman_rho", "spearman_n", "spearman_over", "split", "num_scored",
+                                             "base_perplexity", "num_tokens")},
                "recommended": report.get("recommended"), "solar": report.get("solar")}
     return chosen, summary
 
@@ -151,7 +164,12 @@ class MergeStage(BaseStage):
                            sha256=base.key)]
 
     def key_config(self, cfg: PipelineConfig) -> dict:
-        return {"merge": section_for_key("merge", asdict(cfg.merge))}
+        key = {"merge": section_for_key("merge", asdict(cfg.merge))}
+        if cfg.merge.merge_method == AUTO:
+            # merge=auto's result depends on the records it chose on.
+            d = data_for_key(cfg, reads_preference_data=False)
+            key["selection_data"] = {k: d.get(k) for k in SELECTION_DATA_FIELDS}
+        return key
 
     def run(self, cfg: PipelineConfig, *, inputs: list[StageInput], out_dir: Path) -> StageOutput:
         base_dir = inputs[0].path
