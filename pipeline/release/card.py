@@ -33,6 +33,7 @@ from pipeline import hub
 from pipeline.config import STAGES
 from pipeline.data import is_hub_dataset_name
 from pipeline.evaluation.generation import read_generations, read_generations_markdown
+from pipeline.evaluation.leaderboard import board_markdown
 from pipeline.evaluation.results import results_markdown
 from pipeline.release.record import BASE_TAGS, CARD_NAME, HUB_REPO, MERGEKIT_URL, PAPER_URL, PLOTS, RunRecord, load_run
 
@@ -482,11 +483,28 @@ def _training_section(run: RunRecord, stage: str) -> list[str]:
     return [f"### {title}", "", *_table(rows)]
 
 
+def leaderboard_section(results: dict) -> tuple[list[str], dict]:
+    """The seed's table (Open LLM Leaderboard v1, offline) when the eval ran eval=leaderboard:
+    (its card lines, the stages' metrics without the board tasks' for the general table)."""
+    info = results.get("leaderboard")
+    stages = results["stages"]
+    if not info:
+        return [], stages
+    board_tasks = set(info.get("tasks") or {})
+    lines = ["### Open LLM Leaderboard v1 (offline)", "",
+             board_markdown(stages, info).rstrip("\n"), "",
+             "Per-sample details (lm-eval `--log_samples`) and lm-eval's own results JSON: "
+             "`leaderboard/<stage>/` in the run's eval directory.", ""]
+    rest = {s: {k: v for k, v in m.items() if k.partition("/")[0] not in board_tasks} for s, m in stages.items()}
+    return lines, rest
+
+
 def _evaluation_section(run: RunRecord) -> list[str]:
     lines = ["## Evaluation", ""]
     if not run.results:
         return lines + ["This run has no evaluation (its eval stage did not run)."]
-    stages, chance = run.results["stages"], run.results.get("chance") or {}
+    board_lines, stages = leaderboard_section(run.results)
+    chance = run.results.get("chance") or {}
     lines += [
         "Every stage's model on the same held-out data, computed by the pipeline's eval stage "
         f"(`results.json` in this repository). The released model is the **{run.final_stage}** row.",
@@ -494,6 +512,7 @@ def _evaluation_section(run: RunRecord) -> list[str]:
     ]
     if run.final_stage not in stages:
         lines += [f"The released model ({run.final_stage}) was not among the evaluated stages.", ""]
+    lines += board_lines
     md = results_markdown(stages, chance=chance)
     body = md.split("\n", 1)[1].lstrip("\n") if md.startswith("# ") else md
     lines.append(body.rstrip("\n"))
