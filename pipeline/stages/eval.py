@@ -17,6 +17,8 @@ from pipeline.config import STAGES, TRAINING_STAGES, PipelineConfig
 from pipeline.data import check_data_files, conversation_key, heldout_text_records, load_conversations, split_records
 from pipeline.errors import ConfigError
 from pipeline.evaluation.generation import greedy_answers, write_generations
+from pipeline.evaluation import leaderboard
+from pipeline.evaluation.contamination import contaminated_docs
 from pipeline.evaluation.harness import check_tasks_available, mc_chance_accuracy, run_lm_eval, write_text_jsonl
 from pipeline.evaluation.metrics import evaluate_model
 from pipeline.evaluation.plots import plot_tasks, plot_training, read_log_history
@@ -25,7 +27,7 @@ from pipeline.log import log
 from pipeline.manifest import Manifest, StageInput, read_manifest, resolve_model_dir, stage_dir
 from pipeline.stages.dpo import preference_results
 from pipeline.stages.sft import check_sft_files
-from pipeline.stages.stage import BaseStage, StageOutput, data_for_key
+from pipeline.stages.stage import BaseStage, StageOutput, data_for_key, section_for_key
 
 
 def stage_models(cfg: PipelineConfig) -> dict[str, tuple[str, Manifest]]:
@@ -36,6 +38,17 @@ def stage_models(cfg: PipelineConfig) -> dict[str, tuple[str, Manifest]]:
         if manifest is not None and manifest.model_dir:
             out[stage] = (resolve_model_dir(cfg.paths.run_dir, stage, manifest), manifest)
     return out
+
+
+def board_plan(cfg: PipelineConfig) -> leaderboard.BoardPlan:
+    """The leaderboard run eval.harness_* asks for (checked: refusals name the field)."""
+    return leaderboard.plan_board(list(cfg.eval.harness_tasks), limit=cfg.eval.harness_limit,
+                                  shots=dict(cfg.eval.harness_num_fewshot))
+
+
+def training_files(cfg: PipelineConfig) -> list[str]:
+    """Every file this run trains on (the contamination check's training side)."""
+    return [*cfg.data.cpt_files, *cfg.data.sft_files, *(cfg.data.dpo_files if cfg.dpo.enabled else [])]
 
 
 def evaluate_stages(cfg: PipelineConfig, out_dir: Path) -> dict:
@@ -53,6 +66,13 @@ def evaluate_stages(cfg: PipelineConfig, out_dir: Path) -> dict:
     chat_tok = models["sft"][0] if "sft" in models else next(iter(models.values()))[0]
 
     harness = cfg.eval.use_harness and bool(cfg.eval.harness_tasks)
+    board = harness and cfg.eval.harness_preset == leaderboard.PRESET
+    board_info = None
+    if board:
+        plan = board_plan(cfg)
+        contaminated = contaminated_docs(leaderboard.eval_docs(plan), training_files(cfg), field="data")
+        if cfg.eval.decontaminate:
+            plan.exclude = contaminated
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         data_files = {"dus_mc": cfg.eval.harness_mc_file,
@@ -65,7 +85,16 @@ def evaluate_stages(cfg: PipelineConfig, out_dir: Path) -> dict:
                 max_length=cfg.sft.max_length, max_sft_examples=cfg.eval.max_sft_heldout_examples,
                 chat_tokenizer_dir=chat_tok, trust_remote_code=cfg.model.trust_remote_code,
             )
-            if harness:
+            if board:
+                # lm-eval's results JSON and per-sample logs per stage: <eval dir>/leaderboard/<stage>/.
+                run = leaderboard.run_board(
+                    model_dir, plan, out_dir=out_dir / "leaderboard" / stage,
+                    batch_size=cfg.eval.harness_batch_size or cfg.eval.batch_size, device=cfg.eval.harness_device,
+                    model_args={"trust_remote_code": cfg.model.trust_remote_code})
+                results[stage].update(run.metrics)
+                board_info = leaderboard.board_info(plan, run, contaminated=contaminated,
+                                                    decontaminate=cfg.eval.decontaminate)
+            elif harness:
                 results[stage].update(run_lm_eval(
                     model_dir, tasks=list(cfg.eval.harness_tasks), include_path=cfg.eval.harness_include_path,
                     batch_size=cfg.eval.harness_batch_size or cfg.eval.batch_size, device=cfg.eval.harness_device,
@@ -82,7 +111,7 @@ def evaluate_stages(cfg: PipelineConfig, out_dir: Path) -> dict:
     # With dpo on: held-out preference accuracy and reward margin of sft and dpo (pipeline/stages/dpo.py).
     for stage, metrics in preference_results(cfg, models).items():
         results[stage].update(metrics)
-    write_results(results, out_dir, chance=chance)
+    write_results(results, out_dir, chance=chance, leaderboard=board_info)
     if cfg.eval.generation_prompts:
         prompts = list(cfg.eval.generation_prompts)
         write_generations(prompts, {s: greedy_answers(d, prompts, chat_tokenizer_dir=chat_tok,
@@ -115,15 +144,20 @@ class EvalStage(BaseStage):
         check_data_files(list(cfg.data.cpt_files), field="data.cpt_files", column=cfg.data.text_column,
                          column_field="data.text_column", txt_ok=True, what="raw-text files for continued pretraining")
         check_sft_files(cfg)
-        if cfg.eval.use_harness and cfg.eval.harness_tasks:
-            # Offline without the datasets cached (e.g. eval=leaderboard), fail now, not after training.
+        if cfg.eval.use_harness and cfg.eval.harness_preset not in (None, leaderboard.PRESET):
+            raise ConfigError("eval.harness_preset", f"unknown preset {cfg.eval.harness_preset!r}",
+                              f"use {leaderboard.PRESET} or leave it unset")
+        if cfg.eval.use_harness and cfg.eval.harness_tasks and cfg.eval.harness_preset == leaderboard.PRESET:
+            board_plan(cfg)  # unknown task, data package missing, bad limit or shots: now, not after training
+        elif cfg.eval.use_harness and cfg.eval.harness_tasks:
+            # Offline without the datasets cached, fail now, not after training.
             check_tasks_available(list(cfg.eval.harness_tasks), include_path=cfg.eval.harness_include_path)
 
     def inputs(self, cfg: PipelineConfig) -> list[StageInput]:
         return [StageInput(role="model", stage=s, path=d, sha256=m.key) for s, (d, m) in stage_models(cfg).items()]
 
     def key_config(self, cfg: PipelineConfig) -> dict:
-        return {"eval": asdict(cfg.eval), "data": data_for_key(cfg, reads_preference_data=cfg.dpo.enabled)}
+        return {"eval": section_for_key("eval", asdict(cfg.eval)), "data": data_for_key(cfg, reads_preference_data=cfg.dpo.enabled)}
 
     def run(self, cfg: PipelineConfig, *, inputs: list[StageInput], out_dir: Path) -> StageOutput:
         return StageOutput(metrics=evaluate_stages(cfg, out_dir), model_dir=None)
