@@ -10,7 +10,10 @@ GLOBAL_STEP = "global_step"
 WORLD_SIZE = "world_size"
 NUM_PARAMETERS = "num_parameters"
 TRAINABLE_PARAMETERS = "trainable_parameters"
-TOKENS_SEEN = "tokens_seen"
+# Counted on the micro-batches the training loop consumed, summed over ranks (training.callbacks.ConsumedTokens):
+TOKENS_SEEN = "tokens_seen"  # input tokens that are not padding
+TRAINED_TOKENS = "trained_tokens"  # tokens that carry the loss (labels != -100; DPO: both replies of each pair)
+TOKENS_COUNTED_FROM_STEP = "tokens_counted_from_step"  # > 0: a resumed run whose checkpoint kept no counts
 PRECISION = "precision"
 ATTN_IMPLEMENTATION = "attn_implementation"
 ZERO_STAGE = "zero_stage"

@@ -100,7 +100,7 @@ def our_stage(model, batches, tokenizer, out_dir: Path, bf16: bool) -> float:
     the dataset is exactly these blocks in order)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from pipeline.training.callbacks import PreemptionCallback, RecordingCollator, ThroughputCallback
+    from pipeline.training.callbacks import ConsumedTokens, PreemptionCallback, RecordingCollator, ThroughputCallback
     from pipeline.training.model import trainer_kwargs
 
     import datasets
@@ -124,7 +124,9 @@ def our_stage(model, batches, tokenizer, out_dir: Path, bf16: bool) -> float:
     kwargs.update(disable_tqdm=True, report_to=[], save_strategy="no", optim="adamw_torch")
     trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=blocks,
                       data_collator=RecordingCollator(default_data_collator), processing_class=tokenizer)
-    trainer.add_callback(ThroughputCallback(tokens_per_device_step=1, flops_per_token=0.0, world_size=1))
+    consumed = ConsumedTokens(trainer, pad_token_id=tokenizer.pad_token_id)
+    trainer.add_callback(consumed)
+    trainer.add_callback(ThroughputCallback(consumed=consumed, flops_per_token=0.0, world_size=1))
     trainer.add_callback(PreemptionCallback())
     trainer.add_callback(StepClock())
     trainer.train()

@@ -98,3 +98,168 @@ def test_item12_the_ollama_tag_of_an_imatrix_rung_is_its_quant_type():
     rung = _rung_record("Q4_K_M+imatrix", "Q4_K_M", "m-Q4_K_M-imat.gguf", mb=2.0, imatrix=True)
     text = "\n".join(_run_gguf_lines(rung, "me/m-GGUF"))
     assert "ollama run hf.co/me/m-GGUF:Q4_K_M " in text and ":imat" not in text
+
+
+def test_item12_dpo_tokens_are_the_real_ones_of_trls_preference_batches():
+    """A DPO batch (TRL's own collator): input tokens are prompt + reply of both sides without padding,
+    loss-bearing ones both replies: not pairs × max_length."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from pipeline.training.callbacks import batch_token_counts
+
+    pairs = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]},
+             {"prompt_ids": [5], "chosen_ids": [8, 9, 11, 12], "rejected_ids": [13, 14]}]
+    batch = DataCollatorForPreference(pad_token_id=0, max_length=1024)(pairs)
+    assert batch["input_ids"].numel() == 4 * 5  # 2 pairs x 2 sides, padded to 5
+    assert batch_token_counts(batch, pad_token_id=0) == ((3 + 2) + (3 + 1) + (1 + 4) + (1 + 2), 2 + 1 + 4 + 2)
+
+
+# ------------------------------------------------------------------ item 9: tokens actually trained
+
+
+def test_item9_consumed_tokens_are_counted_on_the_batches_the_loop_took(tmp_path, tiny_base_model_dir, tiny_data_dir):
+    """sft through the stage's own TRL trainer, 2 steps of 2 conversations: the counts are those of the
+    first 2 collated batches (the loop's; one the loader prefetched beyond is not counted), the
+    non-padding count equals the Trainer's own, and it is far below the split-wide assistant count."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import DataConfig, PathsConfig, PipelineConfig, SFTConfig
+    from pipeline.stages.sft import build_sft_trainer
+    from pipeline.training.callbacks import ConsumedTokens
+
+    cfg = PipelineConfig(data=DataConfig(sft_files=[str(tiny_data_dir / "instructions.jsonl")], heldout_fraction=0.0),
+                         sft=SFTConfig(max_length=128, per_device_train_batch_size=2, max_steps=2, save_steps=1,
+                                       learning_rate=1e-4, logging_steps=1),
+                         paths=PathsConfig(run_dir=str(tmp_path)))
+    cfg.model.name_or_path = str(tiny_base_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_base_model_dir)
+    setup = build_sft_trainer(cfg, tokenizer=tok, input_model=str(tiny_base_model_dir), checkpoint_dir=tmp_path / "ck",
+                              ds_config=None, bf16=False, attn="sdpa")
+    trainer = setup.trainer
+    collated = []
+    collate = trainer.data_collator
+
+    def keep(examples):
+        batch = collate(examples)
+        collated.append(batch)
+        return batch
+
+    trainer.data_collator = keep
+    consumed = ConsumedTokens(trainer, pad_token_id=tok.pad_token_id)
+    trainer.add_callback(consumed)
+    trainer.train()
+
+    used = collated[:2]  # 2 steps x 1 micro-batch
+    inputs = sum(int(b["attention_mask"].sum()) for b in used)
+    trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in used)
+    totals = consumed.totals()
+    assert totals == {"input_tokens": inputs, "trained_tokens": trained, "counted_from_step": 0}
+    assert trainer.state.num_input_tokens_seen == inputs  # transformers' own non-padding count agrees
+    assert 0 < trained < setup.data_stats["assistant_tokens_in_train_split"] / 5
+    # Each checkpoint keeps the counts; a run resumed from it starts from them.
+    saved = json.loads((tmp_path / "ck" / "checkpoint-1" / "consumed_tokens.json").read_text())
+    first = collated[0]
+    assert saved["input_tokens"] == int(first["attention_mask"].sum())
+    resumed = ConsumedTokens(trainer, resumed_from=str(tmp_path / "ck" / "checkpoint-1"))
+    assert resumed.totals()["input_tokens"] == saved["input_tokens"]
+
+
+def test_item9_a_stage_manifest_reports_tokens_trained_not_a_nominal_product(tmp_path, tiny_base_model_dir,
+                                                                            tiny_data_dir):
+    """cpt in-process, 2 steps x 2 blocks of 64 tokens (no padding): 256 input tokens, 2 x 2 x 63
+    tokens carrying the loss, and the card's cell says so."""
+    from pipeline.config import (
+        CPTConfig, DataConfig, DistributedConfig, InputSlice, MergeConfig, ModelConfig, OutputSlice, PathsConfig,
+        PipelineConfig,
+    )
+    from pipeline.driver import run_stage
+    from pipeline.release.card import _tokens_cell
+    from pipeline.stages import get_stage
+
+    out = tmp_path / "out"
+    cfg = PipelineConfig(
+        model=ModelConfig(name_or_path=str(tiny_base_model_dir)),
+        merge=MergeConfig(slices=[OutputSlice(sources=[InputSlice(layer_range=[0, 4])])]),
+        data=DataConfig(cpt_files=[str(tiny_data_dir / "corpus.txt")]),
+        cpt=CPTConfig(seq_len=64, per_device_train_batch_size=2, max_steps=2, save_steps=100),
+        distributed=DistributedConfig(launcher="inprocess", zero_stage=0),
+        paths=PathsConfig(run_dir=str(out / "run"), cache_dir=str(tmp_path / "cache"), output_root=str(out)),
+    )
+    for name in ("base", "merge"):
+        run_stage(get_stage(name), cfg)
+    metrics = run_stage(get_stage("cpt"), cfg).metrics
+    assert metrics["tokens_seen"] == 2 * 2 * 64
+    assert metrics["trained_tokens"] == 2 * 2 * 63
+    assert _tokens_cell("cpt", metrics) == "252 corpus tokens carrying the loss, of 256 non-padding input tokens"
+
+
+# ------------------------------------------------------------- item 13: where the weights came from
+
+from test_release import _clone, run_dir  # noqa: E402,F401 - the release tests' hand-built run (a fixture)
+
+
+def _set_manifest_fields(stage_path: Path, **fields) -> None:
+    from pipeline.fsutil import atomic_write_json
+
+    m = json.loads((stage_path / "manifest.json").read_text())
+    for key, value in fields.items():
+        m[key] = {**(m.get(key) or {}), **value} if isinstance(value, dict) else value
+    atomic_write_json(stage_path / "manifest.json", m)
+
+
+def test_item13_a_gguf_base_is_published_as_that_file_dequantized_with_its_license(run_dir, tmp_path):  # noqa: F811
+    import yaml
+
+    from pipeline.manifest import stage_dir
+    from pipeline.release.card import build_model_card
+    from pipeline.release.package import build_release
+
+    run = _clone(run_dir, tmp_path / "run")
+    source = {"source_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "source_quant_type": "Q4_1", "dtype": "float32",
+              "license": "MIT", "gguf_architecture": "llama"}
+    _set_manifest_fields(stage_dir(run, "base"), metrics={"gguf_source": source})
+    card = build_model_card(run)
+    intro = card.split("## Merge Details")[0]
+    assert "weights read from `SmolLM2-135M-Instruct.Q4_1.gguf`: Q4_1, dequantized to float32" in intro
+    assert "weights from `SmolLM2-135M-Instruct.Q4_1.gguf` (Q4_1, dequantized to float32)" in card  # models merged
+    # The license is the GGUF's metadata's, not the (here different) base directory's card's.
+    assert "\nlicense: mit\n" in card and "general.license" in card
+    published = (build_release(run) / "mergekit_config.yml").read_text()
+    assert published.startswith("# tiny-base: weights from SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1, dequantized to float32)")
+    assert yaml.safe_load(published)["slices"][0]["sources"][0]["model"] == "tiny-base"
+
+
+def test_item13_the_gguf_import_records_the_files_quant_type(tmp_path):
+    from pipeline.models.gguf import IMPORT_RECORD, _quant_type, import_record
+
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_1))
+    writer.add_tensor("w", np.ones((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert _quant_type(path) == "Q4_1"
+    # A record written before the type was kept: read from the file's name.
+    (tmp_path / IMPORT_RECORD).write_text(json.dumps({"source_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}))
+    assert import_record(tmp_path)["source_quant_type"] == "Q4_1"
+
+
+def test_item13_the_card_names_dpo_in_its_opening_sentence_when_dpo_ran(run_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    from pipeline.manifest import stage_dir
+    from pipeline.release.card import build_model_card
+
+    run = _clone(run_dir, tmp_path / "run")
+    sft, dpo = stage_dir(run, "sft"), stage_dir(run, "dpo")
+    shutil.copytree(sft, dpo, copy_function=shutil.copy)
+    _set_manifest_fields(dpo, stage="dpo", key="key-dpo",
+                         inputs=[{"role": "model", "stage": "sft", "path": str(sft), "sha256": "key-sft"}],
+                         config={"dpo": {"beta": 0.1, "loss_type": "sigmoid", "use_lora": False}})
+    opening = build_model_card(run).split("\n\n")[2]
+    assert "supervised fine-tuning (LoRA, merged) and preference alignment with DPO." in opening
+    assert "continued pretraining" in opening

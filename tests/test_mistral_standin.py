@@ -387,7 +387,7 @@ def test_sft_on_the_standin_trains_exactly_each_reply_and_its_eos(solar_sft_run,
     train = split_records(conversations, HELDOUT_FRACTION, conversation_key).train
     metrics = json.loads((run_dir / "03_sft" / "manifest.json").read_text())["metrics"]
     assert metrics["data_train_examples"] == len(train)
-    assert metrics["data_trained_tokens"] == sum(len(sp.encode(m["content"])) + 1
+    assert metrics["data_assistant_tokens_in_train_split"] == sum(len(sp.encode(m["content"])) + 1
                                                  for c in train for m in c if m["role"] == "assistant")
     assert "encoder: mistral_common" in proc.stdout  # the preflight's sample check, in the same run
 

@@ -40,7 +40,7 @@ def test_smollm2_grows_trains_and_evaluates_through_the_cli(tmp_path):
     assert config["num_hidden_layers"] == 44 and config["tie_word_embeddings"] is True
     sft = json.loads((run / "03_sft" / "manifest.json").read_text())
     assert sft["metrics"]["verification"]["abs_diff"] <= 1e-4 * sft["metrics"]["verification"]["trained_fixed_batch_loss"]
-    assert sft["metrics"]["data_trained_tokens"] > 0  # the masks came from its ChatML template, without markers
+    assert sft["metrics"]["data_assistant_tokens_in_train_split"] > 0  # the masks came from its ChatML template, without markers
     batch = json.loads((run / "03_sft" / "logs" / "fixed_batch.json").read_text())
     from transformers import AutoTokenizer
 

@@ -101,6 +101,31 @@ def _license(path: Path) -> Optional[str]:
         return None
 
 
+def _quant_type(path: Path) -> Optional[str]:
+    """The file's quantization as llama.cpp names it (``general.file_type``: "Q4_1", "F16", ...)."""
+    try:
+        from gguf import GGUFReader, LlamaFileType
+
+        fld = GGUFReader(str(path)).fields.get("general.file_type")
+        return LlamaFileType(int(fld.parts[fld.data[0]][0])).name.removeprefix("MOSTLY_").removeprefix("ALL_") if fld else None
+    except Exception:  # noqa: BLE001 - informative only (the card then names the file without its type)
+        return None
+
+
+def import_record(model_dir: Path | str) -> Optional[dict]:
+    """What ``import_gguf`` recorded about a converted directory (source file name, its quant type,
+    the dtype it was dequantized to, the license in its metadata), else None. Older records lack the
+    quant type: it is read again from the source file's name when it says one."""
+    path = Path(model_dir) / IMPORT_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if not record.get("source_quant_type"):
+        stem = str(record.get("source_file", "")).removesuffix(".gguf")
+        record["source_quant_type"] = stem.rsplit(".", 1)[-1].upper() if "." in stem else None
+    return record
+
+
 def _is_complete(path: Path) -> bool:
     return (path / IMPORT_RECORD).is_file() and (path / "config.json").is_file()
 
@@ -152,6 +177,7 @@ def _convert(path: Path, final: Path, *, dtype: str, meta: dict, digest: str, pr
             "source_sha256": digest,
             "gguf_architecture": meta["architecture"],
             "license": _license(path),
+            "source_quant_type": _quant_type(path),
             "dtype": dtype,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),

@@ -2,7 +2,7 @@
 
 The release (``pipeline.release.package.build_release``) writes ``<run_dir>/release/``:
 
-* the files of the last model stage (sft, else cpt, else merge): weights (safetensors), config.json,
+* the files of the last enabled model stage of the run's chain: weights (safetensors), config.json,
   generation_config.json, tokenizer and chat template;
 * ``README.md``: the model card (``build_model_card``), in the form the hub uses for merges
   (mergekit's sections and ``base_model``/``tags`` metadata), plus how it was trained and evaluated;
@@ -88,14 +88,31 @@ def merged_models(run: RunRecord) -> list[tuple[str, str]]:
     return out
 
 
+def gguf_source(base: dict) -> Optional[dict]:
+    """The GGUF import record of a base read from a GGUF file (the base stage's ``gguf_source``
+    metric: file name, quant type, dtype, license from its metadata), else None."""
+    source = (base.get("metrics") or {}).get("gguf_source")
+    return source if isinstance(source, dict) and source.get("source_file") else None
+
+
+def _gguf_weights_note(source: dict) -> str:
+    quant = source.get("source_quant_type")
+    return f"{quant + ', ' if quant else ''}dequantized to {source.get('dtype') or 'float32'}"
+
+
 def published_merge_yaml(run: RunRecord) -> str:
     """The merge config as it is published: each local model directory replaced by the name the card
     gives it (a hub id stays as it is). A path on the machine that made the model means nothing to a
-    reader, and may say more about that machine than its owner meant to publish."""
+    reader, and may say more about that machine than its owner meant to publish. A base read from a
+    GGUF file is named by its model, and a comment says the weights are that file's, dequantized."""
     text = run.merge_yaml
     for ref, name in merged_models(run):
         if _is_local_ref(ref):
             text = text.replace(ref, name)
+    source = gguf_source(run.base)
+    if source:
+        text = (f"# {_model_name(None, run.base)}: weights from {source['source_file']} "
+                f"({_gguf_weights_note(source)}), not the original checkpoint's\n") + text
     return text
 
 
@@ -165,9 +182,14 @@ def card_metadata(run: RunRecord, *, license: Optional[str] = None, language: An
     meta: dict[str, Any] = {"base_model": [name for _, name in merged_models(run)] or [base_name]}
 
     lic = license or run.release_cfg.get("license")
+    source = gguf_source(run.base)
     if lic:
         meta["license"] = lic
         notes.append(f"License `{lic}`: set by `release.license`; check it is compatible with the base model's license.")
+    elif source and source.get("license"):
+        meta["license"] = str(source["license"]).strip().lower()
+        notes.append(f"License `{meta['license']}`: from the metadata (`general.license`) of `{source['source_file']}`, "
+                     f"the GGUF file the base model's weights were read from.")
     elif base_card.get("license"):
         meta["license"] = base_card["license"]
         for key in ("license_name", "license_link"):
@@ -290,6 +312,9 @@ def _merge_section(run: RunRecord) -> list[str]:
     for ref, name in models:
         link = f"[{name}](https://huggingface.co/{name})" if _is_hub_repo(name) else name
         where = " (a local model directory, named so in the configuration below)" if _is_local_ref(ref) else ""
+        if (source := gguf_source(run.base)) and _same_path(ref, run.base.get("model_dir") or ""):
+            where = (f": weights from `{source['source_file']}` ({_gguf_weights_note(source)}), not the original "
+                     "checkpoint's; named so in the configuration below")
         lines.append(f"* {link}{where}")
     lines += ["", "### Resulting Model", ""]
     layers_in = metrics.get("num_layers_in") or {}
@@ -394,6 +419,25 @@ def _dpo_cell(tc: dict) -> str:
     return cell
 
 
+# What carries the loss in each training stage (the tokens_trained metric counts exactly these).
+_TRAINED_TOKENS_ARE = {"cpt": "corpus tokens", "sft": "assistant tokens",
+                       "dpo": "reply tokens, chosen and rejected"}
+
+
+def _tokens_cell(stage: str, mt: dict) -> str:
+    """The tokens the stage's training loop really consumed (counted on its batches, all ranks):
+    those that carry the loss, and the non-padding input tokens. A manifest written before these were
+    counted has only the nominal batch × length × steps, and the cell says so."""
+    trained = mt.get("trained_tokens")
+    if trained is None:
+        return f"{_int(mt.get('tokens_seen'))} (nominal: batch × max length × steps, not counted)" if mt.get("tokens_seen") else ""
+    cell = (f"{_int(trained)} {_TRAINED_TOKENS_ARE.get(stage, 'loss-bearing tokens')} carrying the loss, of "
+            f"{_int(mt.get('tokens_seen'))} non-padding input tokens")
+    if mt.get("tokens_counted_from_step"):
+        cell += f" (counted from step {mt['tokens_counted_from_step']}: the run resumed from a checkpoint without counts)"
+    return cell
+
+
 def _warmup(v: Any) -> str:
     if not v:
         return "no warmup"
@@ -417,9 +461,7 @@ def _training_section(run: RunRecord, stage: str) -> list[str]:
         else:
             batch += " per optimizer step"
     title = TRAINED_STAGES[stage]
-    tokens = _int(mt.get("tokens_seen"))
-    if stage == "sft" and mt.get("num_input_tokens_seen"):
-        tokens += f" (batch × max length × steps; {_int(mt['num_input_tokens_seen'])} of them non-padding)"
+    tokens = _tokens_cell(stage, mt)
     heldout = data.get("heldout_fraction")
     if stage == "cpt" and mt.get("data_blocks"):
         records = f"{_int(mt['data_blocks'])} packed blocks of {seq} tokens"
@@ -427,6 +469,8 @@ def _training_section(run: RunRecord, stage: str) -> list[str]:
             records += f"; {heldout:.0%} of the corpus records held out for evaluation (chosen by content hash)"
     elif stage == "sft" and mt.get("data_train_examples") is not None:
         records = f"{_int(mt['data_train_examples'])} conversations"
+        if mt.get("data_assistant_tokens_in_train_split") is not None:
+            records += f" ({_int(mt['data_assistant_tokens_in_train_split'])} assistant tokens in the whole training split)"
         if mt.get("data_heldout_examples") is not None:
             records += (f"; {_int(mt['data_heldout_examples'])} more held out for evaluation"
                         + (f" ({heldout:.0%}, chosen by content hash)" if heldout else ""))
@@ -465,7 +509,7 @@ def _training_section(run: RunRecord, stage: str) -> list[str]:
         ("data", _data_cell(m.get("inputs", []))),
         ("training records", records),
         ("method", method),
-        ("tokens seen", tokens),
+        ("tokens trained", tokens),
         ("optimizer steps", f"{_int(mt.get('global_step'))}" + (f" ({mt['epoch']:.2f} epochs)" if mt.get("epoch") else "")),
         ("sequence length" if stage == "cpt" else "max length", str(seq) if seq else ""),
         ("batch", batch),
@@ -654,16 +698,26 @@ def _intro(run: RunRecord, title: str) -> list[str]:
              if len(depth_in) == 1 and merge.get("num_hidden_layers") else "in depth")
     steps = []
     if "cpt" in run.manifests:
-        steps.append(f"continued pretraining on {_int((run.manifests['cpt'].get('metrics') or {}).get('tokens_seen'))} tokens")
+        cpt = run.manifests["cpt"].get("metrics") or {}
+        counted = cpt.get("trained_tokens")
+        steps.append(f"continued pretraining on {_int(counted)} tokens" if counted is not None
+                     else f"continued pretraining (nominally {_int(cpt.get('tokens_seen'))} tokens)")
     if "sft" in run.manifests:
         lora = ((run.manifests["sft"].get("config") or {}).get("sft") or {}).get("use_lora")
         steps.append("supervised fine-tuning" + (" (LoRA, merged)" if lora else ""))
-    after = f", followed by {' and '.join(steps)}" if steps else " (not trained further)"
+    if "dpo" in run.manifests:
+        lora = ((run.manifests["dpo"].get("config") or {}).get("dpo") or {}).get("use_lora")
+        steps.append("preference alignment with DPO" + (" (LoRA, merged)" if lora else ""))
+    after = (f", followed by {', '.join(steps[:-1])} and {steps[-1]}" if len(steps) > 1
+             else f", followed by {steps[0]}" if steps else " (not trained further)")
     params = merge.get("num_parameters")
+    source = gguf_source(run.base)
+    weights = (f" (its weights read from `{source['source_file']}`: {_gguf_weights_note(source)}, not the original "
+               "checkpoint's)") if source else ""
     return [
         f"# {title}",
         "",
-        f"`{base_name}` grown {grown} by depth up-scaling"
+        f"`{base_name}`{weights} grown {grown} by depth up-scaling"
         + (f" ({_human(params)} parameters)" if params else "") + after + ".",
         "",
         f"Depth up-scaling (DUS), introduced with SOLAR 10.7B ([Kim et al., 2023, arXiv:2312.15166]({PAPER_URL})), "

@@ -17,7 +17,7 @@ from pipeline.configio import config_to_dict
 from pipeline.errors import ConfigError
 from pipeline.fsutil import hash_path, hash_text
 from pipeline.manifest import StageInput
-from pipeline.models.gguf import check_gguf_file, import_gguf, read_gguf_metadata, resolve_package_file
+from pipeline.models.gguf import check_gguf_file, import_gguf, import_record, read_gguf_metadata, resolve_package_file
 from pipeline.models.demo import BUILD_METRICS_FILE, RecordOptions, ensure_demo_base, validate_demo_config
 from pipeline.stages.stage import BaseStage, StageOutput, section_for_key
 
@@ -72,4 +72,7 @@ class BaseModelStage(BaseStage):
         metrics = {}
         if cfg.model.demo is not None and (Path(model_dir) / BUILD_METRICS_FILE).is_file():
             metrics = json.loads((Path(model_dir) / BUILD_METRICS_FILE).read_text())
+        if cfg.model.gguf_file is not None and (record := import_record(model_dir)) is not None:
+            # The card must say the weights are this file's, dequantized, not the Hub's original ones.
+            metrics = {**metrics, "gguf_source": record}
         return StageOutput(metrics=metrics, model_dir=model_dir)

@@ -117,7 +117,10 @@ def build_sft_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
         train_ds = datasets.Dataset.from_list(train.rows)
         fixed_batch = assistant_masked_batch(tokenizer, fixed_convs, max_length=sc.max_length, names=fixed_names)
         mask_stats = {"rows_dropped_no_trained_token": train.dropped_no_trained_token,
-                      "rows_truncated": train.truncated, "trained_tokens": train.trained_tokens}
+                      "rows_truncated": train.truncated,
+                      # Every assistant token of the training split; what training consumed is the
+                      # stage's trained_tokens metric (training.callbacks.ConsumedTokens).
+                      "assistant_tokens_in_train_split": train.trained_tokens}
     else:
         # Loss on every token: TRL renders the conversations itself; the fixed batch is scored the same way.
         train_ds = datasets.Dataset.from_list([{"messages": c} for c in split.train])

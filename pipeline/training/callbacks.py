@@ -8,6 +8,7 @@ import hashlib
 import json
 import signal
 import time
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -65,24 +66,105 @@ class RecordingCollator:
         return self.collate(examples)
 
 
-class ThroughputCallback(TrainerCallback):
-    """Adds tokens/s per device and MFU to the Trainer's logs."""
+def batch_token_counts(batch, pad_token_id: int | None = None) -> tuple[int, int]:
+    """(input tokens that are not padding, tokens that carry a loss) of one collated micro-batch.
 
-    def __init__(self, *, tokens_per_device_step: int, flops_per_token: float, world_size: int):
-        self.tokens_per_device_step, self.flops_per_token, self.world_size = tokens_per_device_step, flops_per_token, world_size
+    Input: the attention mask's ones; without one (padding-free packing) every input id unless it is
+    the pad id. Loss-bearing: a preference batch's ``completion_mask`` (the chosen and rejected
+    replies DPO scores); else the labels other than -100 after the causal shift (``shift_labels`` as
+    given, or ``labels[..., 1:]``): the tokens the loss is averaged over."""
+    ids = batch["input_ids"]
+    if batch.get("attention_mask") is not None:
+        inputs = int(batch["attention_mask"].sum())
+    elif pad_token_id is not None:
+        inputs = int((ids != pad_token_id).sum())
+    else:
+        inputs = int(ids.numel())
+    if batch.get("completion_mask") is not None:
+        trained = int(batch["completion_mask"].sum())
+    elif batch.get("shift_labels") is not None:
+        trained = int((batch["shift_labels"] != -100).sum())
+    elif batch.get("labels") is not None:
+        trained = int((batch["labels"][..., 1:] != -100).sum())
+    else:
+        trained = 0
+    return inputs, trained
+
+
+CONSUMED_TOKENS_FILE = "consumed_tokens.json"
+
+
+class ConsumedTokens(TrainerCallback):
+    """The tokens training actually consumed: counted on the micro-batches the training loop takes
+    (``Trainer.get_batch_samples``; a batch the data loader prefetched but no step used is not
+    counted), not batch size × max length × steps. Per rank; ``totals()`` sums over the ranks.
+
+    Kept in each checkpoint (``consumed_tokens.json``) and read back on resume, so a resumed run's
+    counts cover every step; a checkpoint without that file (written before it was kept) leaves the
+    earlier steps uncounted, and ``counted_from_step`` says from which step the counts run."""
+
+    def __init__(self, trainer, *, pad_token_id: int | None = None, resumed_from: str | None = None):
+        self.input_tokens = self.trained_tokens = 0
+        self.counted_from_step = 0
+        self.pad_token_id = pad_token_id
+        if resumed_from is not None:
+            saved = Path(resumed_from) / CONSUMED_TOKENS_FILE
+            if saved.is_file():
+                record = json.loads(saved.read_text())
+                self.carried = (int(record["input_tokens"]), int(record["trained_tokens"]))
+                self.counted_from_step = int(record.get("counted_from_step", 0))
+            else:
+                self.carried = (0, 0)
+                self.counted_from_step = int(Path(resumed_from).name.rsplit("-", 1)[-1])
+        else:
+            self.carried = (0, 0)
+        take = trainer.get_batch_samples
+
+        def get_batch_samples(epoch_iterator, num_batches, device):
+            batches, num_items = take(epoch_iterator, num_batches, device)
+            for batch in batches:
+                inputs, trained = batch_token_counts(batch, self.pad_token_id)
+                self.input_tokens += inputs
+                self.trained_tokens += trained
+            return batches, num_items
+
+        trainer.get_batch_samples = get_batch_samples
+
+    def totals(self) -> dict[str, int]:
+        """Over all ranks (a collective: every rank calls it), plus what a resumed checkpoint carried."""
+        counts = torch.tensor([self.input_tokens, self.trained_tokens], dtype=torch.int64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl":
+                counts = counts.cuda()
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+        inputs, trained = (int(v) for v in counts.tolist())
+        return {"input_tokens": inputs + self.carried[0], "trained_tokens": trained + self.carried[1],
+                "counted_from_step": self.counted_from_step}
+
+    def on_save(self, args, state, control, **kw):
+        totals = self.totals()
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            (checkpoint / CONSUMED_TOKENS_FILE).write_text(json.dumps(totals))
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds tokens/s per device and MFU to the Trainer's logs, from the tokens this rank's training
+    loop really consumed (``ConsumedTokens``: padding not counted, a DPO pair's two replies are)."""
+
+    def __init__(self, *, consumed: ConsumedTokens, flops_per_token: float, world_size: int):
+        self.consumed, self.flops_per_token, self.world_size = consumed, flops_per_token, world_size
         self.peak, self.peak_note = device_peak_flops()
         self.t0, self.step0, self.tokens0 = None, 0, 0
 
     def on_train_begin(self, args, state, control, **kw):
-        self.t0, self.step0, self.tokens0 = time.perf_counter(), state.global_step, state.num_input_tokens_seen
+        self.t0, self.step0, self.tokens0 = time.perf_counter(), state.global_step, self.consumed.input_tokens
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs is None or self.t0 is None or state.global_step <= self.step0:
             return
         now = time.perf_counter()
-        # Real (non-padding) tokens counted by the Trainer over all ranks; else the nominal count.
-        seen = state.num_input_tokens_seen - self.tokens0
-        per_device = seen / self.world_size if seen > 0 else (state.global_step - self.step0) * self.tokens_per_device_step
+        per_device = self.consumed.input_tokens - self.tokens0
         tok_s = per_device / (now - self.t0)
         extra = {"tokens_per_s_per_device": round(tok_s, 1), "tokens_per_s_total": round(tok_s * self.world_size, 1)}
         if self.peak:
@@ -90,7 +172,7 @@ class ThroughputCallback(TrainerCallback):
         logs.update(extra)  # printed / sent to report_to
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # the Trainer stored a copy before the callbacks ran
-        self.t0, self.step0, self.tokens0 = now, state.global_step, state.num_input_tokens_seen
+        self.t0, self.step0, self.tokens0 = now, state.global_step, self.consumed.input_tokens
 
 
 class PreemptionCallback(TrainerCallback):
@@ -119,3 +201,4 @@ class PreemptionCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
+

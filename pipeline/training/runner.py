@@ -33,7 +33,7 @@ from pipeline import metric_names as M
 from pipeline.config import PipelineConfig
 from pipeline.fsutil import atomic_write_json, disk_full_guard
 from pipeline.manifest import StageInput, stage_dir
-from pipeline.training.callbacks import PreemptionCallback, ThroughputCallback, training_flops_per_token
+from pipeline.training.callbacks import ConsumedTokens, PreemptionCallback, ThroughputCallback, training_flops_per_token
 from pipeline.training.distributed import init_distributed_state, load_deepspeed_config
 from pipeline.training.model import (
     attn_implementation,
@@ -162,20 +162,24 @@ def prepare(stage, cfg: PipelineConfig) -> RankContext:
                        checkpoint_dir=checkpoint_dir, plan=plan)
 
 
-def add_callbacks(ctx: RankContext, setup: TrainerSetupLike) -> tuple[ThroughputCallback, PreemptionCallback, dict]:
-    """Throughput/MFU, SIGTERM -> checkpoint, fault injection (tests), checkpoint bookkeeping."""
+def add_callbacks(ctx: RankContext, setup: TrainerSetupLike) -> tuple[ConsumedTokens, PreemptionCallback, dict]:
+    """Consumed-token counts, throughput/MFU, SIGTERM -> checkpoint, fault injection (tests),
+    checkpoint bookkeeping."""
     model, tc = setup.trainer.model, ctx.tc
     n_params = sum(numel(p) for p in model.parameters())
     n_trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     tokens_per_device_step = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * setup.seq_len
-    throughput = ThroughputCallback(tokens_per_device_step=tokens_per_device_step, world_size=ctx.world,
+    consumed = ConsumedTokens(setup.trainer, pad_token_id=getattr(setup.trainer.processing_class, "pad_token_id", None),
+                              resumed_from=ctx.plan.checkpoint)
+    setup.trainer.add_callback(consumed)
+    throughput = ThroughputCallback(consumed=consumed, world_size=ctx.world,
                                     flops_per_token=training_flops_per_token(model.config, n_params, setup.seq_len))
     setup.trainer.add_callback(throughput)
     zero = ctx.ds_config["zero_optimization"]["stage"] if ctx.ds_config else None
     ctx.log(f"input: {ctx.input_model} (from stage '{ctx.prev_stage}') | ranks: {ctx.world} | ZeRO: "
             f"{zero if zero is not None else 'off'} | precision: {'bf16' if ctx.bf16 else 'fp32'} | "
             f"attention: {ctx.attn} | params: {n_params:,} ({n_trainable:,} trainable) | "
-            f"tokens/step: {tokens_per_device_step * ctx.world:,} | peak: {throughput.peak_note} | data: {setup.data_stats}")
+            f"tokens/step at most: {tokens_per_device_step * ctx.world:,} | peak: {throughput.peak_note} | data: {setup.data_stats}")
     preemption = PreemptionCallback()
     setup.trainer.add_callback(preemption)
     if (fault := FaultInjection.from_env(ctx.state.process_index)) is not None:
@@ -184,9 +188,8 @@ def add_callbacks(ctx: RankContext, setup: TrainerSetupLike) -> tuple[Throughput
         world_size=ctx.world, zero_stage=zero, keep=tc.save_total_limit, is_main=ctx.is_main,
         barrier=ctx.state.wait_for_everyone, per_device_train_batch_size=tc.per_device_train_batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation_steps))
-    sizes = {M.NUM_PARAMETERS: n_params, M.TRAINABLE_PARAMETERS: n_trainable,
-             M.TOKENS_SEEN: tokens_per_device_step * ctx.world, M.ZERO_STAGE: zero}
-    return throughput, preemption, sizes
+    sizes = {M.NUM_PARAMETERS: n_params, M.TRAINABLE_PARAMETERS: n_trainable, M.ZERO_STAGE: zero}
+    return consumed, preemption, sizes
 
 
 def train(ctx: RankContext, setup: TrainerSetupLike, preemption: PreemptionCallback):
@@ -243,8 +246,9 @@ def run_training_on_rank(stage, cfg: PipelineConfig, *, out_dir: Path) -> Option
     with disk_full_guard(cfg.paths.cache_dir):  # the tokenized-data cache is written there
         setup = stage.build_trainer(ctx.cfg, tokenizer=tokenizer, input_model=ctx.input_model,
                                     checkpoint_dir=ctx.checkpoint_dir, ds_config=ctx.ds_config, bf16=ctx.bf16, attn=ctx.attn)
-    _, preemption, sizes = add_callbacks(ctx, setup)
+    consumed, preemption, sizes = add_callbacks(ctx, setup)
     result = train(ctx, setup, preemption)
+    tokens = consumed.totals()  # every rank: a collective
     write_rank_record(out_dir / "logs", stage=stage.name, served=setup.collator.served, world_size=ctx.world,
                       rank=ctx.state.process_index)
     verification = export_and_verify(ctx, setup, out_dir, tokenizer)
@@ -257,7 +261,9 @@ def run_training_on_rank(stage, cfg: PipelineConfig, *, out_dir: Path) -> Option
             M.WORLD_SIZE: ctx.world,
             M.NUM_PARAMETERS: sizes[M.NUM_PARAMETERS],
             M.TRAINABLE_PARAMETERS: sizes[M.TRAINABLE_PARAMETERS],
-            M.TOKENS_SEEN: setup.trainer.state.global_step * sizes[M.TOKENS_SEEN],
+            M.TOKENS_SEEN: tokens["input_tokens"],
+            M.TRAINED_TOKENS: tokens["trained_tokens"],
+            M.TOKENS_COUNTED_FROM_STEP: tokens["counted_from_step"],
             M.PRECISION: "bf16" if ctx.bf16 else "fp32",
             M.ATTN_IMPLEMENTATION: ctx.attn,
             M.ZERO_STAGE: sizes[M.ZERO_STAGE],
