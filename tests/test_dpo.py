@@ -121,11 +121,12 @@ def test_dpo_steps_move_the_policy_not_the_reference_and_eval_matches_trl(tmp_pa
         assert on_train.mean_reward_margin > 0.1 and on_train.reward_accuracy >= 0.75, on_train
 
 
-def test_a_model_against_itself_has_zero_rewards_but_a_logprob_accuracy(tiny_base_model_dir, pairs):
+def test_a_model_against_itself_has_no_reward_metrics_but_a_logprob_accuracy(tiny_base_model_dir, pairs):
     with torch_threads(1):
         r = evaluate_preferences(policy_dir=tiny_base_model_dir, reference_dir=tiny_base_model_dir, pairs=pairs[:16],
                                  beta=0.1, max_length=MAX_LENGTH)
-    assert (r.reward_accuracy, r.reward_ties, r.mean_reward_margin) == (0.0, 1.0, 0.0)
+    # Every reward is 0 by construction: undefined, not measured (issue 18 item 10).
+    assert r.reference_is_policy and (r.reward_accuracy, r.reward_ties, r.mean_reward_margin) == (None, None, None)
     assert 0.0 < r.logprob_accuracy < 1.0 and math.isfinite(r.mean_logprob_margin)
     with pytest.raises(ConfigError, match="beta"):
         evaluate_preferences(policy_dir=tiny_base_model_dir, reference_dir=tiny_base_model_dir, pairs=pairs[:2], beta=0)

@@ -115,10 +115,28 @@ def test_pipeline_with_dpo_on_two_ranks(tmp_path, tiny_data_dir):
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
     assert not set(ranks[0]["served_indices"]) & set(ranks[1]["served_indices"])
     results = json.loads((stage_dir(run_dir, "eval") / "results.json").read_text())["stages"]
-    assert results["sft"]["preference/reward_accuracy"] == 0.0  # scored against itself: all rewards 0
+    # sft scored against itself: its reward metrics are undefined (every reward 0), shown as n/a.
+    assert results["sft"]["preference/reward_accuracy"] is None and results["sft"]["preference/reference_is_policy"]
     assert results["dpo"]["preference/examples"] > 0 and "preference/reward_margin" in results["dpo"]
     assert 0.0 <= results["dpo"]["preference/logprob_accuracy"] <= 1.0
-    assert "held-out preference accuracy" in (stage_dir(run_dir, "eval") / "results.md").read_text()  # its column
+    md = (stage_dir(run_dir, "eval") / "results.md").read_text()
+    assert "held-out preference accuracy (chance 0.5)" in md and "n/a (reference = itself)" in md
+    # Something real about dpo: on the pairs it trained on (found by the fingerprints its ranks
+    # recorded), the chosen replies gained reward over the rejected ones against the sft reference.
+    from transformers import AutoTokenizer
+
+    from pipeline.data.preference import load_preferences, tokenize_pair
+    from pipeline.evaluation.preference import evaluate_preferences
+    from pipeline.training.callbacks import token_fingerprint
+
+    served = set(ranks[0]["served_indices"]) | set(ranks[1]["served_indices"])  # fingerprints of prompt + chosen ids
+    tok = AutoTokenizer.from_pretrained(stage_dir(run_dir, "sft"))
+    pairs = load_preferences([str(DEMO_PREFS)])
+    trained = [p for p in pairs if token_fingerprint((t := tokenize_pair(tok, p)).prompt_ids + t.chosen_ids) in served]
+    assert trained, "no trained pair found by its fingerprint"
+    on_train = evaluate_preferences(policy_dir=stage_dir(run_dir, "dpo"), reference_dir=stage_dir(run_dir, "sft"),
+                                    pairs=trained, beta=0.1, max_length=128)
+    assert on_train.mean_reward_margin > 0, on_train
 
 
 @pytest.mark.slow  # a Hydra CLI start: 54 s seen on the loaded shared cores

@@ -263,7 +263,8 @@ def test_write_results_json_and_markdown(tmp_path):
     md = (tmp_path / "results.md").read_text()
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| stage"))
-    assert header == "| stage | held-out ppl | assistant-token loss | dus_mc/acc | dus_corpus_ppl/word_perplexity |"
+    assert header == ("| stage | held-out ppl (1,000 tokens of the held-out records, transformers) | assistant-token loss "
+                      "| dus_mc/acc (chance 0.417) | dus_corpus_ppl/word_perplexity |")
     rows = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and not line.startswith("| stage")]
     assert rows == ["base", "merge", "cpt", "sft"]
     assert "| merge | 95.00 | 4.600 | 0.400 ± 0.020 | 950.00 |" in md

@@ -263,3 +263,88 @@ def test_item13_the_card_names_dpo_in_its_opening_sentence_when_dpo_ran(run_dir,
     opening = build_model_card(run).split("\n\n")[2]
     assert "supervised fine-tuning (LoRA, merged) and preference alignment with DPO." in opening
     assert "continued pretraining" in opening
+
+
+# ------------------------------------------------------ item 11: one scorer, labels that say which
+
+
+def test_item11_seam_analysis_and_eval_score_the_same_tokens_alike(tiny_base_model_dir, tiny_data_dir):
+    """The seam analysis's perplexity and the eval's held-out perplexity are one scorer: on the same
+    tokens in the same windows they are the same number (before, the analysis also scored each record's
+    BOS token, so the two differed on identical text)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.analysis.similarity import measure_perplexity
+    from pipeline.data import tokenize_records
+    from pipeline.evaluation.metrics import heldout_perplexity
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_model_dir).eval()
+    texts = (tiny_data_dir / "corpus.txt").read_text().split("\n\n")[:12]
+    stream = [t for doc in tokenize_records(tok, texts) for t in doc]
+    assert tok.bos_token_id is not None and stream.count(tok.bos_token_id) == len(texts)
+    seq_len = 64
+    blocks = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
+    batches = [torch.tensor([b]) for b in blocks if len(b) >= 2]
+    analysis = measure_perplexity(model=model, token_batches=batches, progress=False)
+    ours = heldout_perplexity(model, tok, texts, seq_len=seq_len, batch_size=4)
+    assert analysis == pytest.approx(ours["perplexity"], rel=1e-6)
+    assert ours["window"] == seq_len
+
+
+def test_item11_the_card_labels_its_three_perplexities_apart():
+    """Eval table, seam table and GGUF ladder each say which tokens, which windows, which engine."""
+    from pipeline.evaluation.results import results_markdown
+    from pipeline.release.card import ladder_perplexity_label
+
+    results = {"base": {"heldout/perplexity": 41.8, "heldout/tokens": 4096, "heldout/window": 512}}
+    header = results_markdown(results).splitlines()[2]
+    assert "held-out ppl (4,096 tokens of the held-out records, 512-token windows, transformers)" in header
+    ladder = ladder_perplexity_label({"scoring": {"window": 512, "positions": 8176}})
+    assert ladder == "ppl under llama.cpp (512-token windows, 8,176 scored positions)"
+    assert "held-out ppl" not in ladder
+
+
+# ----------------------------------------------- item 10: preference metrics that are not measured
+
+
+def test_item10_a_model_scored_against_itself_has_no_reward_metrics_and_tables_say_why(tiny_base_model_dir):
+    from pipeline.evaluation.preference import evaluate_preferences
+    from pipeline.evaluation.results import results_markdown
+
+    pair = {"prompt": [{"role": "user", "content": "What is depth up-scaling?"}],
+            "chosen": [{"role": "assistant", "content": "Stacking a model's layers twice."}],
+            "rejected": [{"role": "assistant", "content": "A kind of soup."}]}
+    own = evaluate_preferences(policy_dir=tiny_base_model_dir, reference_dir=tiny_base_model_dir, pairs=[pair] * 3,
+                               beta=0.1, max_length=128)
+    assert own.reference_is_policy and own.reward_accuracy is None and own.mean_reward_margin is None
+    assert own.logprob_accuracy in (0.0, 1.0)  # still measured: it needs no reference
+    dpo = {"preference/reward_accuracy": 0.625, "preference/reward_margin": 0.21, "preference/logprob_accuracy": 0.6,
+           "preference/examples": 16}
+    md = results_markdown({"sft": own.table_metrics(), "dpo": dpo})
+    header, _, sft_row, dpo_row = md.splitlines()[2:6]
+    assert "held-out preference accuracy (chance 0.5)" in header and "chosen more likely than rejected (chance 0.5)" in header
+    assert [c.strip() for c in sft_row.split("|")[2:4]] == ["n/a (reference = itself)"] * 2
+    assert sft_row.split("|")[4].strip() == f"{own.logprob_accuracy:.3f}"
+    assert "0.625" in dpo_row and "0.210" in dpo_row
+    assert "Chance for preference/reward_accuracy: 0.500" in md
+
+
+# ------------------------------------------------------------ item 12: the DPO loss is not a perplexity
+
+
+def test_item12_dpo_loss_gets_its_own_panel_not_the_perplexity_axis(tmp_path):
+    from pipeline.evaluation.plots import plot_training, training_figure
+
+    logs = {"cpt": [{"step": s, "loss": 5.0 - 0.01 * s} for s in range(1, 11)],
+            "sft": [{"step": s, "loss": 4.0} for s in range(1, 6)],
+            "dpo": [{"step": s, "loss": 0.6931 - 0.01 * s} for s in range(1, 5)]}
+    fig = training_figure(logs, {"base": 57.0, "sft": 61.0, "dpo": 61.0})
+    lm_ax, dpo_ax = fig.axes[0], [a for a in fig.axes if a.get_title() == "DPO loss"][0]
+    assert not any("dpo training loss" in line.get_label() for line in lm_ax.get_lines())
+    assert [line.get_label() for line in dpo_ax.get_lines()][0] == "dpo training loss"
+    assert "not a perplexity" in dpo_ax.get_ylabel()
+    assert plot_training(logs, {"sft": 61.0}, tmp_path / "training.png").stat().st_size > 0
+    # Without a preference stage: one panel, as before.
+    assert len([a for a in training_figure({"cpt": logs["cpt"]}, {}).axes if a.get_title()]) == 1

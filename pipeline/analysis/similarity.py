@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 from pipeline.errors import ConfigError
+from pipeline.evaluation.metrics import scored_nll
 
 
 @dataclass
@@ -170,7 +171,7 @@ def analyze_layers(
                 states = torch.stack([h.reshape(-1, h.shape[-1]) for h in hidden[:n_layers]]
                                      + [last_output[0].reshape(-1, hidden[0].shape[-1])])
                 acc.add(states)
-                nll, count = _next_token_nll(out.logits, ids)
+                nll, count = _next_token_nll(out.logits, ids, model)
                 nll_sum += nll
                 nll_count += count
     finally:
@@ -191,14 +192,11 @@ def analyze_layers(
     )
 
 
-def _next_token_nll(logits, ids):
-    """Sum and count of next-token negative log-likelihoods of one batch (float32 log-softmax)."""
-    import torch.nn.functional as F
-
-    pred = logits[:, :-1].float()
-    target = ids[:, 1:]
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
-    return float(nll), target.numel()
+def _next_token_nll(logits, ids, model):
+    """Sum and count of next-token negative log-likelihoods of one batch, scored as the eval stage
+    scores its held-out perplexity (``pipeline.evaluation.metrics.scored_nll``: a BOS target is not
+    scored), so the two perplexities differ only in the tokens and windows they are given."""
+    return scored_nll(logits, ids, bos_token_id=getattr(model.config, "bos_token_id", None))
 
 
 def measure_perplexity(model_dir: Path | str | None = None, token_batches: Iterable = (), *, model=None,
@@ -215,7 +213,7 @@ def measure_perplexity(model_dir: Path | str | None = None, token_batches: Itera
     with torch.no_grad():
         for batch in tqdm(token_batches, total=total_batches, desc=desc, unit="batch", disable=not progress):
             ids = batch.to(dev)
-            nll, count = _next_token_nll(model(input_ids=ids, use_cache=False).logits, ids)
+            nll, count = _next_token_nll(model(input_ids=ids, use_cache=False).logits, ids, model)
             nll_sum += nll
             nll_count += count
     return math.exp(nll_sum / max(nll_count, 1))

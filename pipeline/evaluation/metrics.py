@@ -56,6 +56,18 @@ def _summary(nll_sum: float, tokens: int) -> dict[str, float]:
     return {"loss": loss, "perplexity": _perplexity(loss), "tokens": tokens}
 
 
+def scored_nll(logits: torch.Tensor, input_ids: torch.Tensor, *, bos_token_id: int | None) -> tuple[float, int]:
+    """(sum, count) of the next-token NLL of a batch of windows: every token after the first of its
+    window is predicted from the tokens before it, except a BOS target (formatting, not text). The one
+    convention of every transformers perplexity here: the eval's held-out perplexity and the seam
+    analysis's (pipeline.analysis), which differ only in the tokens and windows they are given."""
+    pred = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.size(-1)), targets.reshape(-1), reduction="none")
+    scored = (targets != bos_token_id).reshape(-1) if bos_token_id is not None else torch.ones_like(nll, dtype=torch.bool)
+    return float(nll[scored].double().sum()), int(scored.sum())
+
+
 def _token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """NLL of tokens 1..L-1 given their prefix, per position: shape (batch, L-1), float32."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -73,7 +85,7 @@ def _model_device(model) -> torch.device:
 def heldout_perplexity(
     model, tokenizer, texts: list[str], *, seq_len: int, batch_size: int, max_tokens: int = 0
 ) -> dict:
-    """Per-token perplexity of held-out text records: ``{"loss", "perplexity", "tokens"}``.
+    """Per-token perplexity of held-out text records: ``{"loss", "perplexity", "tokens", "window"}``.
 
     Records are tokenized as cpt trains on them (``pipeline.data.tokenize_records``:
     ``[bos] + text + [eos]``), concatenated in the given order into one stream, and the stream
@@ -82,7 +94,7 @@ def heldout_perplexity(
     context only, every other token is predicted from the tokens before it in the same window, so
     tokens early in a window see little context and the number is somewhat higher than a
     sliding-window perplexity (cheaper, and the same for every stage). A record's leading BOS is
-    never a target (it is formatting, not text); EOS is. ``loss`` is the mean NLL in nats over the
+    never a target (it is formatting, not text; ``scored_nll``); EOS is. ``loss`` is the mean NLL in nats over the
     ``tokens`` predicted tokens, ``perplexity = exp(loss)``. Deterministic: no sampling, fixed order.
     """
     if seq_len < 2:
@@ -96,13 +108,10 @@ def heldout_perplexity(
         raise ConfigError("eval.seq_len", f"{seq_len} is longer than the model's {max_positions} positions",
                           f"set eval.seq_len <= {max_positions}")
     stream: list[int] = []
-    is_target: list[bool] = []
-    bos = tokenizer.bos_token_id
     for doc in tokenize_records(tokenizer, list(texts)):
         stream.extend(doc)
-        is_target.extend(not (i == 0 and tok == bos) for i, tok in enumerate(doc))
     if max_tokens > 0:
-        stream, is_target = stream[:max_tokens], is_target[:max_tokens]
+        stream = stream[:max_tokens]
     windows = [(lo, min(lo + seq_len, len(stream))) for lo in range(0, len(stream), seq_len)]
     windows = [(lo, hi) for lo, hi in windows if hi - lo >= 2]
 
@@ -121,15 +130,15 @@ def heldout_perplexity(
                 for start in range(0, len(group), batch_size):
                     chunk = group[start : start + batch_size]
                     ids = torch.tensor([stream[lo:hi] for lo, hi in chunk], device=device)
-                    mask = torch.tensor([is_target[lo + 1 : hi] for lo, hi in chunk], device=device)
-                    nll = _token_nll(model, ids)
-                    nll_sum += float(nll[mask].double().sum())
-                    tokens += int(mask.sum())
+                    chunk_sum, chunk_tokens = scored_nll(model(input_ids=ids).logits, ids,
+                                                         bos_token_id=tokenizer.bos_token_id)
+                    nll_sum += chunk_sum
+                    tokens += chunk_tokens
     finally:
         model.train(was_training)
     if tokens == 0:
         raise ConfigError("eval", "the held-out records hold no token to predict", "check data.heldout_fraction and the data")
-    return _summary(nll_sum, tokens)
+    return {**_summary(nll_sum, tokens), "window": seq_len}
 
 
 def assistant_token_loss(

@@ -9,7 +9,15 @@ import math
 from pathlib import Path
 from typing import Mapping
 
-from pipeline.evaluation.results import COLUMN_LABELS, format_metric, metric_columns, stage_order, stderr_key
+from pipeline.evaluation.results import (
+    COLUMN_LABELS,
+    format_metric,
+    heldout_perplexity_label,
+    known_chance,
+    metric_columns,
+    stage_order,
+    stderr_key,
+)
 
 
 def read_log_history(stage_dir: Path | str) -> list[dict]:
@@ -50,16 +58,42 @@ def _perplexity_ticks(lo_nats: float, hi_nats: float, most: int = 9) -> list[flo
     return ticks[:: math.ceil(len(ticks) / most)]
 
 
-def plot_training(stage_logs: Mapping[str, list[dict]], eval_ppl: Mapping[str, float], path: Path | str) -> Path:
-    """Training loss of the training stages on one step axis (cpt steps, then sft steps), and each
-    stage's held-out perplexity as a marker at the step where that stage's model was taken (base and
-    merge at step 0). Both share the left axis in nats (eval points at ln(ppl)); the right axis
-    reads the same scale as perplexity = exp(loss). sft's training loss is on assistant tokens, the
-    markers are on held-out corpus text."""
+# Stages whose training loss is a preference loss, not a token NLL: never on the perplexity axis.
+PREFERENCE_LOSS_STAGES = ("dpo",)
+
+
+def _loss_points(log: list[dict]) -> list[tuple[int, float]]:
+    return sorted((e["step"], e["loss"]) for e in log if "loss" in e and "step" in e)
+
+
+def _preference_loss_panel(ax, stage_logs: Mapping[str, list[dict]]) -> None:
+    """DPO's loss on its own axis: -log sigmoid(reward margin), ln 2 when the policy is its reference."""
+    for stage in stage_order(stage_logs):
+        points = _loss_points(stage_logs[stage])
+        if points:
+            ax.plot(*zip(*points), color=_STAGE_COLORS.get(stage), lw=1.6, label=f"{stage} training loss")
+    ax.axhline(math.log(2), color="black", ls="--", lw=1, label="ln 2 = no preference learned")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("preference loss (not a perplexity)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("DPO loss", pad=18)
+
+
+def training_figure(stage_logs: Mapping[str, list[dict]], eval_ppl: Mapping[str, float]):
+    """The figure of ``plot_training``: the language-model panel, and a panel of its own for a
+    preference stage's loss when there is one."""
     import numpy as np
 
-    fig = _new_figure(9, 5)
-    ax = fig.add_subplot()
+    preference = {s: log for s, log in stage_logs.items() if s in PREFERENCE_LOSS_STAGES and _loss_points(log)}
+    stage_logs = {s: log for s, log in stage_logs.items() if s not in PREFERENCE_LOSS_STAGES}
+    fig = _new_figure(13 if preference else 9, 5)
+    if preference:
+        grid = fig.add_gridspec(1, 2, width_ratios=[3, 1.3])
+        ax = fig.add_subplot(grid[0])
+        _preference_loss_panel(fig.add_subplot(grid[1]), preference)
+    else:
+        ax = fig.add_subplot()
     offset, stage_end = 0, {}
     for stage in stage_order(stage_logs):
         points = sorted((e["step"], e["loss"]) for e in stage_logs[stage] if "loss" in e and "step" in e)
@@ -100,6 +134,17 @@ def plot_training(stage_logs: Mapping[str, list[dict]], eval_ppl: Mapping[str, f
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("Training loss across stages and held-out perplexity per stage", pad=18)
+    return fig
+
+
+def plot_training(stage_logs: Mapping[str, list[dict]], eval_ppl: Mapping[str, float], path: Path | str) -> Path:
+    """Training loss of the language-model stages on one step axis (cpt steps, then sft steps), and
+    each stage's held-out perplexity as a marker at the step where that stage's model was taken (base
+    and merge at step 0). Both share the left axis in nats (eval points at ln(ppl)); the right axis
+    reads the same scale as perplexity = exp(loss). sft's training loss is on assistant tokens, the
+    markers are on held-out corpus text. DPO's loss is a preference loss, not a token NLL: it gets
+    its own panel (ln 2 marked), never the perplexity axis."""
+    fig = training_figure(stage_logs, eval_ppl)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -113,6 +158,8 @@ def plot_tasks(
     with ±1 standard error where lm-eval gives one and a dashed line at chance where known."""
     columns = metric_columns(results)
     stages = stage_order(results)
+    chance = known_chance(results, chance)
+    labels = {**COLUMN_LABELS, "heldout/perplexity": heldout_perplexity_label(results)}
     ncols = min(3, max(1, len(columns)))
     nrows = max(1, math.ceil(len(columns) / ncols))
     fig = _new_figure(4.0 * ncols, 3.1 * nrows)
@@ -133,7 +180,7 @@ def plot_tasks(
             ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
         if values:
             ax.set_ylim(0, max(v + e for v, e in zip(values, errs)) * (1.35 if chance and key in chance else 1.18))
-        ax.set_title(COLUMN_LABELS.get(key, key), fontsize=10)
+        ax.set_title(labels.get(key, key), fontsize=10 if len(labels.get(key, key)) < 45 else 8)
         ax.tick_params(labelsize=9)
         ax.grid(axis="y", alpha=0.3)
     path = Path(path)

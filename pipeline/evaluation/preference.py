@@ -9,9 +9,11 @@ preference accuracy is the share of pairs ranked right, the margin the mean of
 that training never saw.
 
 For a model scored against itself (the sft model with the sft model as reference) every reward is
-0, so the reward metrics say nothing; ``logprob_accuracy`` (chosen more likely than rejected under
-the policy alone, no reference) compares any two models, sft and dpo alike. It favours short
-replies, since log-probs are sums.
+0 by construction, so the reward metrics are undefined, not measured: they are None here and
+"n/a (reference = itself)" in the tables (a 0 would read as the worst possible accuracy, beside
+dpo's measured one). ``logprob_accuracy`` (chosen more likely than rejected under the policy
+alone, no reference) compares any two models, sft and dpo alike. It favours short replies, since
+log-probs are sums. Chance for both accuracies is 0.5 (``PREFERENCE_CHANCE``).
 
 Tokenization mirrors ``trl.DPOTrainer`` 1.16: the prompt is rendered with the chat template and
 ``add_generation_prompt=True``, prompt + reply without it; the reply starts where the two token
@@ -33,28 +35,40 @@ from pipeline.data.preference import TokenizedPair, tokenize_pair
 from pipeline.errors import ConfigError
 
 
+# Accuracy of a coin flip on pairs: the line both preference accuracies are read against.
+PREFERENCE_CHANCE = {"preference/reward_accuracy": 0.5, "preference/logprob_accuracy": 0.5}
+# In a results row: the reward metrics are undefined because the policy is its own reference.
+REFERENCE_IS_POLICY = "preference/reference_is_policy"
+
+
 @dataclass(frozen=True)
 class PreferenceEval:
     pairs: int  # pairs scored
     skipped_prompt_too_long: int
     beta: float
-    reward_accuracy: float  # share of pairs with reward(chosen) > reward(rejected)
-    reward_ties: float  # share with equal rewards (all of them when policy == reference)
-    mean_reward_margin: float
-    mean_chosen_reward: float
-    mean_rejected_reward: float
+    # The reward metrics: None when the policy is its own reference (every reward 0 by construction).
+    reward_accuracy: float | None  # share of pairs with reward(chosen) > reward(rejected)
+    reward_ties: float | None  # share with equal rewards
+    mean_reward_margin: float | None
+    mean_chosen_reward: float | None
+    mean_rejected_reward: float | None
     logprob_accuracy: float  # share with log pi(chosen) > log pi(rejected), reference-free
     mean_logprob_margin: float
+    reference_is_policy: bool = False
 
-    def metrics(self, prefix: str = "preference/") -> dict[str, float]:
+    def metrics(self, prefix: str = "preference/") -> dict[str, float | None]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
-    def table_metrics(self, prefix: str = "preference/") -> dict[str, float]:
+    def table_metrics(self, prefix: str = "preference/") -> dict[str, float | None]:
         """The few worth a column in a results table (counts end in /examples and /skipped, which
-        tables list but do not plot)."""
-        return {f"{prefix}reward_accuracy": self.reward_accuracy, f"{prefix}reward_margin": self.mean_reward_margin,
-                f"{prefix}logprob_accuracy": self.logprob_accuracy, f"{prefix}examples": self.pairs,
-                f"{prefix}skipped": self.skipped_prompt_too_long}
+        tables list but do not plot); with ``REFERENCE_IS_POLICY`` set when the reward columns are
+        undefined."""
+        out = {f"{prefix}reward_accuracy": self.reward_accuracy, f"{prefix}reward_margin": self.mean_reward_margin,
+               f"{prefix}logprob_accuracy": self.logprob_accuracy, f"{prefix}examples": self.pairs,
+               f"{prefix}skipped": self.skipped_prompt_too_long}
+        if self.reference_is_policy:
+            out[REFERENCE_IS_POLICY] = True
+        return out
 
 
 @torch.no_grad()
@@ -96,8 +110,10 @@ def reply_logprobs(model, tokenizer, tokenized: list[TokenizedPair], *, max_leng
 
 
 def preference_metrics(*, policy_chosen: list[float], policy_rejected: list[float], ref_chosen: list[float],
-                       ref_rejected: list[float], beta: float, skipped: int = 0) -> PreferenceEval:
-    """Accuracy and margins from summed reply log-probs of the policy and the reference."""
+                       ref_rejected: list[float], beta: float, skipped: int = 0,
+                       reference_is_policy: bool = False) -> PreferenceEval:
+    """Accuracy and margins from summed reply log-probs of the policy and the reference (the reward
+    metrics None when the reference is the policy itself)."""
     n = len(policy_chosen)
     if n == 0:
         raise ConfigError("preference eval", "no pair to score", "give held-out pairs whose prompt fits max_length")
@@ -105,6 +121,12 @@ def preference_metrics(*, policy_chosen: list[float], policy_rejected: list[floa
     rejected_r = [beta * (p - r) for p, r in zip(policy_rejected, ref_rejected)]
     margins = [c - r for c, r in zip(chosen_r, rejected_r)]
     lp_margins = [c - r for c, r in zip(policy_chosen, policy_rejected)]
+    if reference_is_policy:
+        return PreferenceEval(
+            pairs=n, skipped_prompt_too_long=skipped, beta=beta, reward_accuracy=None, reward_ties=None,
+            mean_reward_margin=None, mean_chosen_reward=None, mean_rejected_reward=None,
+            logprob_accuracy=sum(m > 0 for m in lp_margins) / n, mean_logprob_margin=sum(lp_margins) / n,
+            reference_is_policy=True)
     return PreferenceEval(
         pairs=n, skipped_prompt_too_long=skipped, beta=beta,
         reward_accuracy=sum(m > 0 for m in margins) / n,
@@ -161,8 +183,8 @@ def evaluate_preferences(*, policy_dir: str | Path, reference_dir: str | Path, p
     same = Path(policy_dir).resolve() == Path(reference_dir).resolve()
     reference = policy if same else score(reference_dir)
     result = preference_metrics(policy_chosen=policy[0], policy_rejected=policy[1], ref_chosen=reference[0],
-                                ref_rejected=reference[1], beta=beta, skipped=skipped)
-    if not all(math.isfinite(v) for v in (result.mean_reward_margin, result.mean_logprob_margin)):
+                                ref_rejected=reference[1], beta=beta, skipped=skipped, reference_is_policy=same)
+    if not all(math.isfinite(v) for v in (*policy[0], *policy[1], *reference[0], *reference[1])):
         raise ConfigError("preference eval", f"non-finite log-probs scoring {policy_dir}",
                           "check the model's weights (a NaN in training?)")
     return result

@@ -10,6 +10,7 @@ from typing import Iterable, Mapping
 from pipeline.config import STAGES
 from pipeline.evaluation.leaderboard import board_markdown
 from pipeline.evaluation.metrics import AVERAGE_KEY, HELDOUT, RESULTS_JSON, RESULTS_MD, SFT_HELDOUT
+from pipeline.evaluation.preference import PREFERENCE_CHANCE, REFERENCE_IS_POLICY
 from pipeline.fsutil import atomic_write_json, atomic_write_text
 
 
@@ -29,11 +30,44 @@ COLUMN_LABELS = {
 }
 
 
-# Shown elsewhere (stderr next to its metric) or redundant (loss = ln ppl).
-_NOT_COLUMNS = {f"{HELDOUT}/loss", f"{SFT_HELDOUT}/perplexity"}
+# Shown elsewhere (stderr next to its metric), redundant (loss = ln ppl) or a marker.
+_NOT_COLUMNS = {f"{HELDOUT}/loss", f"{SFT_HELDOUT}/perplexity", REFERENCE_IS_POLICY}
 
 
-_COUNT_SUFFIXES = ("/tokens", "/examples", "/skipped")
+_COUNT_SUFFIXES = ("/tokens", "/examples", "/skipped", "/window")
+
+# The reward columns of a model scored against itself: undefined (every reward 0 by construction).
+_REWARD_KEYS = ("preference/reward_accuracy", "preference/reward_margin")
+NOT_APPLICABLE_SELF_REFERENCE = "n/a (reference = itself)"
+
+
+def heldout_perplexity_label(results: Mapping[str, Mapping[str, float]]) -> str:
+    """The eval's perplexity column says what it is: which tokens, which windows, which engine (the
+    seam analysis and the GGUF ladder report other perplexities, under their own labels)."""
+    tokens = next((r.get(f"{HELDOUT}/tokens") for r in results.values() if r.get(f"{HELDOUT}/tokens")), None)
+    window = next((r.get(f"{HELDOUT}/window") for r in results.values() if r.get(f"{HELDOUT}/window")), None)
+    if not tokens:
+        return COLUMN_LABELS[f"{HELDOUT}/perplexity"]
+    return (f"held-out ppl ({int(tokens):,} tokens of the held-out records"
+            + (f", {int(window)}-token windows" if window else "") + ", transformers)")
+
+
+def known_chance(results: Mapping[str, Mapping[str, float]], chance: Mapping[str, float] | None) -> dict[str, float]:
+    """``chance`` plus the chance level of the preference accuracies when the results have them."""
+    present = {k for r in results.values() for k in r}
+    return {**{k: v for k, v in PREFERENCE_CHANCE.items() if k in present}, **(chance or {})}
+
+
+def cell(results: Mapping[str, Mapping[str, float]], stage: str, key: str) -> str:
+    """A table cell: the value (± its standard error), or why there is none."""
+    value = results[stage].get(key)
+    if value is None and key in _REWARD_KEYS and results[stage].get(REFERENCE_IS_POLICY):
+        return NOT_APPLICABLE_SELF_REFERENCE
+    text = format_metric(key, value)
+    se = results[stage].get(stderr_key(key))
+    if value is not None and se is not None:
+        text += f" ± {format_metric(key, se)}"
+    return text
 
 
 def metric_columns(results: Mapping[str, Mapping[str, float]]) -> list[str]:
@@ -128,26 +162,24 @@ def results_markdown(results: Mapping[str, Mapping[str, float]], *, chance: Mapp
         if not columns:
             return "\n".join(lines)
         lines += ["## Other metrics", ""]
-    header = ["stage"] + [COLUMN_LABELS.get(c, c) for c in columns]
+    chance = known_chance(results, chance)
+    labels = {**COLUMN_LABELS, f"{HELDOUT}/perplexity": heldout_perplexity_label(results)}
+    header = ["stage"] + [labels.get(c, c) + (f" (chance {chance[c]:.3g})" if c in chance else "") for c in columns]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for stage in stage_order(results):
-        row = [stage]
-        for col in columns:
-            value = results[stage].get(col)
-            cell = format_metric(col, value)
-            se = results[stage].get(stderr_key(col))
-            if value is not None and se is not None:
-                cell += f" ± {format_metric(col, se)}"
-            row.append(cell)
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join([stage, *(cell(results, stage, col) for col in columns)]) + " |")
     lines.append("")
     notes = summarize(results, chance=chance)
     if notes:
         lines += [*notes, ""]
     lines.append(
-        "held-out ppl: per-token perplexity of the held-out corpus records (non-overlapping windows of "
-        "eval.seq_len tokens); assistant-token loss: mean NLL (nats) on assistant tokens of held-out "
-        "conversations; `task/metric`: lm-evaluation-harness (± standard error)."
+        "held-out ppl: per-token perplexity of the held-out corpus records under transformers (non-overlapping "
+        "windows of eval.seq_len tokens, a BOS token never scored; the seam analysis scores other records and "
+        "the GGUF ladder scores under llama.cpp, so their perplexities are not this one); assistant-token loss: "
+        "mean NLL (nats) on assistant tokens of held-out conversations; `task/metric`: lm-evaluation-harness "
+        "(± standard error)."
+        + (f" Preference reward columns: {NOT_APPLICABLE_SELF_REFERENCE} for a model that is its own reference "
+           "(every reward 0 by construction)." if any(r.get(REFERENCE_IS_POLICY) for r in results.values()) else "")
         + "".join(f" Chance for {k}: {v:.3f}." for k, v in (chance or {}).items())
     )
     return "\n".join(lines) + "\n"
@@ -167,6 +199,7 @@ def write_results(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = {s: dict(results[s]) for s in stage_order(results)}
+    chance = known_chance(ordered, chance)
     payload = {"stages": ordered, "chance": dict(chance or {}), "summary": summarize(ordered, chance=chance)}
     if leaderboard:
         payload["leaderboard"] = dict(leaderboard)
