@@ -348,3 +348,20 @@ def test_item12_dpo_loss_gets_its_own_panel_not_the_perplexity_axis(tmp_path):
     assert plot_training(logs, {"sft": 61.0}, tmp_path / "training.png").stat().st_size > 0
     # Without a preference stage: one panel, as before.
     assert len([a for a in training_figure({"cpt": logs["cpt"]}, {}).axes if a.get_title()]) == 1
+
+
+def test_item10_the_demo_has_dpo_settings_that_move_it_and_the_default_stays_a_real_models():
+    """dpo=demo: the learning rate and epochs under which dpo moved the demo model (measured in
+    docs/dpo.md); the default keeps the full-DPO rate for real models."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+
+    from pipeline.config import REPO_ROOT, PipelineConfig
+
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+    run = ["paths.run_dir=/nonexistent", "run_name=t", "dpo.enabled=true"]
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        demo = compose("config", overrides=["dpo=demo", *run])
+        default = compose("config", overrides=run)
+    assert (demo.dpo.learning_rate, demo.dpo.num_train_epochs) == (1e-4, 3) and not demo.dpo.use_lora
+    assert default.dpo.learning_rate == 5e-7

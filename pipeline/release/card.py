@@ -421,7 +421,7 @@ def _dpo_cell(tc: dict) -> str:
 
 # What carries the loss in each training stage (the tokens_trained metric counts exactly these).
 _TRAINED_TOKENS_ARE = {"cpt": "corpus tokens", "sft": "assistant tokens",
-                       "dpo": "reply tokens, chosen and rejected"}
+                       "dpo": "reply tokens (chosen and rejected)"}
 
 
 def _tokens_cell(stage: str, mt: dict) -> str:
