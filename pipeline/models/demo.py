@@ -471,6 +471,13 @@ def demo_base_key(cfg: DemoModelConfig, *, heldout_fraction: float, records: Rec
     return hash_text(json.dumps(payload, sort_keys=True))
 
 
+def built_demo_base(cfg: DemoModelConfig, cache_dir: Path, *, heldout_fraction: float,
+                    records: RecordOptions = RecordOptions()) -> Path | None:
+    """The demo base's directory if it is already built (nothing is built here), else None."""
+    final = Path(cache_dir) / "demo_base" / demo_base_key(cfg, heldout_fraction=heldout_fraction, records=records)[:16]
+    return final if _is_complete(final) else None
+
+
 def ensure_demo_base(
     cfg: DemoModelConfig,
     cache_dir: Path,

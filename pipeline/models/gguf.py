@@ -126,6 +126,29 @@ def import_record(model_dir: Path | str) -> Optional[dict]:
     return record
 
 
+def _import_dir(cache_dir: Path, digest: str, dtype: str) -> Path:
+    # The dtype is part of the key: a float32 and a bfloat16 conversion are different models.
+    return Path(cache_dir) / f"{digest[:16]}-{dtype}"
+
+
+def gguf_tokenizer(gguf_file: Path | str, cache_dir: Path | str, *, dtype: str = "float32"):
+    """``(tokenizer, where it was read)`` of a GGUF model without dequantizing any weight: from the
+    cached import when it is complete (the tokenizer the run trains with), else from the file's
+    metadata (vocabulary, merges, special tokens, chat template; seconds for SmolLM2's)."""
+    from transformers import AutoTokenizer
+
+    path = check_gguf_file(gguf_file)
+    final = _import_dir(Path(cache_dir), sha256_file(path), dtype)
+    if _is_complete(final):
+        return AutoTokenizer.from_pretrained(str(final), trust_remote_code=False), f"{final} (the imported {path.name})"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    except ImportError as e:
+        raise ConfigError("model.gguf_file", f"reading GGUF files needs the `gguf` package ({e})",
+                          "pip install -e '.[real-models]'") from None
+    return tokenizer, f"{path.name} (its metadata; not imported yet)"
+
+
 def _is_complete(path: Path) -> bool:
     return (path / IMPORT_RECORD).is_file() and (path / "config.json").is_file()
 
@@ -138,8 +161,7 @@ def import_gguf(gguf_file: Path | str, cache_dir: Path | str, *, dtype: str = "f
         raise ConfigError("dtype", f"unsupported dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     digest = sha256_file(path)
     cache_dir = Path(cache_dir)
-    # The dtype is part of the key: a float32 and a bfloat16 conversion are different models.
-    final = cache_dir / f"{digest[:16]}-{dtype}"
+    final = _import_dir(cache_dir, digest, dtype)
     if _is_complete(final):
         return final
     # Parsing the metadata (vocabulary included) takes seconds: only when a conversion is due, and

@@ -31,6 +31,7 @@ from pipeline.data import (
 from pipeline.data.chat_masking import check_template_masks, labels_from_mask, masked_rows, mistral_common_tokenizer_for
 from pipeline.errors import ConfigError
 from pipeline.log import log
+from pipeline.stages.base import tokenizer_for_checks
 from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.training.callbacks import RecordingCollator
 from pipeline.training.model import load_causal_lm, lora_config, trainer_kwargs
@@ -218,19 +219,18 @@ class SFTStage(TrainingStage):
         return list(cfg.data.sft_files)
 
     def check(self, cfg: PipelineConfig, selected: Sequence[str]) -> None:
-        """The files' first rows convert to conversations, and (for a local base model) the first
-        rows of each file go through the real masking, verified."""
+        """The files' first rows convert to conversations, and the first rows of each file go through
+        the real masking, verified, with the tokenizer the run will train with (a local directory, a
+        GGUF file's, the built demo base's, a hub id's from the local cache). When that tokenizer
+        cannot be had before the run, the preflight output says so and why."""
         check_sft_files(cfg)
-        src = cfg.model.name_or_path
-        if cfg.model.demo is not None or not (Path(src) / "config.json").is_file():
-            return  # the demo's tokenizer is built later; a hub model's is checked when it is fetched;
-            # a directory that is not a model is reported by the base stage's check
-        tok_src = cfg.merge.tokenizer_source or src
-        if Path(tok_src).is_dir():
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=cfg.model.trust_remote_code)
-            check_chat_template(tok, assistant_only_loss=cfg.sft.assistant_only_loss, source=tok_src)
-            check_sft_sample_formatting(cfg, tok, tok_src)
+        tok, source = tokenizer_for_checks(cfg)
+        if tok is None:
+            log(f"the chat template and masking of the first rows could not be checked: {source}. sft masks and "
+                "verifies every row when it starts (after merge and cpt)", where="preflight sft")
+            return
+        log(f"chat template and masking checked with the tokenizer of {source}", where="preflight sft")
+        check_chat_template(tok, assistant_only_loss=cfg.sft.assistant_only_loss, source=source)
+        check_sft_sample_formatting(cfg, tok, source)
 
     build_trainer = staticmethod(build_sft_trainer)
