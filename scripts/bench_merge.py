@@ -12,10 +12,15 @@ then runs, interleaved and ``--repeats`` times each:
 * ``mergekit``: ``mergekit-yaml`` on the same YAML (``--mergekit-python``, a separate venv), and
   the fsync of its output timed separately (mergekit does not fsync).
 
-Each run is a child process: wall time from the parent, peak RSS from ``os.wait4`` of that child.
-The page cache cannot be dropped here (no privilege; shared machine), so inputs are partly warm
-after the first run: every method sees the same conditions, and the medians are reported.
+Each run is a child process: wall time from the parent, peak RSS from ``/usr/bin/time``. Before
+every timed run the inputs are made cold (``--cache cold``, the default): ``sync``, then
+``posix_fadvise(DONTNEED)`` on every input file (no privilege needed; other users' cached files
+stay), or ``--drop-caches`` (root: ``echo 3 > /proc/sys/vm/drop_caches``, the whole machine's cache).
+The bytes of input still cached are measured with ``fincore`` and printed with each run. Floor and
+ours alternate (the order flips every repetition), so the ratio of each pair is taken under the
+same load; the summary gives medians, min-max, and the median of the paired ratios.
 
+    python scripts/bench_merge.py --shape small --repeats 7
     python scripts/bench_merge.py --shape small --repeats 3 --mergekit-python /tmp/mk-venv/bin/python
 """
 
@@ -160,12 +165,38 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def warm_page_cache(src: Path) -> None:
-    """Read the inputs once, untimed: the page cache cannot be dropped here, so instead every
-    method starts from the same state (inputs cached, as far as memory allows)."""
+    """Read the inputs once, untimed (``--cache warm``): every method starts with them cached, as far
+    as memory allows."""
     for f in sorted(src.glob("*.safetensors")):
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
+
+
+def evict_page_cache(src: Path, *, drop_all: bool) -> None:
+    """Make the inputs cold: write back whatever is dirty (an earlier run's deletions included),
+    then drop the inputs' cached pages, or the whole page cache with ``drop_all`` (root only)."""
+    os.sync()
+    if drop_all:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return
+    for f in sorted(src.glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_bytes(src: Path) -> int | None:
+    """Bytes of the input files in the page cache (``fincore``, util-linux), or None without it."""
+    files = [str(f) for f in sorted(src.glob("*.safetensors"))]
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sum(int(x) for x in out.split())
 
 
 def dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -179,37 +210,60 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mergekit-python", default=None, help="python of a venv with mergekit installed")
     ap.add_argument("--mergekit-repeats", type=int, default=None, help="default: --repeats")
-    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the synthetic checkpoints (and reuse them when they are already there)")
+    ap.add_argument("--cache", choices=["cold", "warm"], default="cold",
+                    help="cold: the inputs are evicted from the page cache before every run (default); "
+                         "warm: read once before the runs")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="with --cache cold: drop the whole page cache (root) instead of the inputs' pages")
     ap.add_argument("--json", default=None, help="write all measurements here")
     args = ap.parse_args()
 
     shapes = sorted(SHAPES) if args.shape == "both" else [args.shape]
     work = Path(args.workdir)
-    results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+    if args.drop_caches and os.geteuid() != 0:
+        ap.error("--drop-caches needs root (writes /proc/sys/vm/drop_caches); leave it out to evict only the inputs")
+    results = {"cache": args.cache, "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                            "python": platform.python_version()}, "runs": {}}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     try:
         for shape_name in shapes:
-            shutil.rmtree(work / shape_name, ignore_errors=True)
             src = work / shape_name / "src"
-            print(f"[{shape_name}] building {src} ...", flush=True)
-            in_bytes = build_checkpoint(src, SHAPES[shape_name])
+            built = work / shape_name / "src.built.json"  # written last: the checkpoint is complete
+            if args.keep and built.is_file() and json.loads(built.read_text()) == SHAPES[shape_name]:
+                in_bytes = dir_bytes(src, "*.safetensors")
+                print(f"[{shape_name}] reusing {src}", flush=True)
+            else:
+                shutil.rmtree(work / shape_name, ignore_errors=True)
+                print(f"[{shape_name}] building {src} ...", flush=True)
+                in_bytes = build_checkpoint(src, SHAPES[shape_name])
+                built.write_text(json.dumps(SHAPES[shape_name]))
             yml = work / shape_name / "merge.yml"
             yml.write_text(f"slices:\n  - sources:\n      - model: {src}\n        layer_range: [0, 24]\n"
                            f"  - sources:\n      - model: {src}\n        layer_range: [8, 32]\n"
                            "merge_method: passthrough\ndtype: bfloat16\n")
             runs = {"floor": [], "ours": [], "mergekit": [], "mergekit_fsync": []}
+
+            def prepare() -> dict:
+                if args.cache == "cold":
+                    evict_page_cache(src, drop_all=args.drop_caches)
+                cached = cached_bytes(src)
+                return {"input_cached_bytes": cached}
+
             def run_ours() -> None:
                 nonlocal out_bytes
                 out = work / shape_name / "out"
                 shutil.rmtree(out, ignore_errors=True)
+                pre = prepare()
                 r = run_child([sys.executable, "-m", "pipeline.merge", str(yml), str(out), "--no-progress",
                                "--metrics-json", str(work / shape_name / "metrics.json")], env)
                 metrics = json.loads((work / shape_name / "metrics.json").read_text())
                 r.update(bytes_read=metrics["bytes_read"], bytes_written=metrics["bytes_written"],
                          copy_mode=metrics["copy_mode"], merge_wall_s=metrics["wall_time_s"])
                 out_bytes = metrics["bytes_written"]
+                r.update(pre)
                 runs["ours"].append(r)
                 print(f"[{shape_name}] ours: {r}", flush=True)
                 shutil.rmtree(out)
@@ -217,8 +271,9 @@ def main() -> None:
             def run_floor() -> None:
                 floor = work / shape_name / "floor"
                 shutil.rmtree(floor, ignore_errors=True)
+                pre = prepare()
                 r = run_child([sys.executable, "-c", FLOOR_CHILD, str(src), str(floor), str(out_bytes)], env)
-                r.update(bytes_read=in_bytes, bytes_written=dir_bytes(floor))
+                r.update(bytes_read=in_bytes, bytes_written=dir_bytes(floor), **pre)
                 runs["floor"].append(r)
                 print(f"[{shape_name}] floor: {r}", flush=True)
                 shutil.rmtree(floor)
@@ -228,23 +283,25 @@ def main() -> None:
                     return
                 mk = work / shape_name / "mk"
                 shutil.rmtree(mk, ignore_errors=True)
+                pre = prepare()
                 mk_bin = Path(args.mergekit_python).parent / "mergekit-yaml"
                 r = run_child([str(mk_bin), str(yml), str(mk), "--no-copy-tokenizer", "--out-shard-size", "5B"],
                               {**env, "PYTHONPATH": ""})
-                r.update(bytes_written=dir_bytes(mk, "*.safetensors"))
+                r.update(bytes_written=dir_bytes(mk, "*.safetensors"), **pre)
                 runs["mergekit"].append(r)
                 s = run_child([sys.executable, "-c", FSYNC_CHILD, str(mk)], env)
                 runs["mergekit_fsync"].append(s)
                 print(f"[{shape_name}] mergekit: {r} (+fsync {s['wall_s']:.1f}s)", flush=True)
                 shutil.rmtree(mk)
 
-            warm_page_cache(src)
+            if args.cache == "warm":
+                warm_page_cache(src)
             out_bytes = None
-            run_ours()  # untimed warm-up: also fixes the output size the floor must write
+            run_ours()  # untimed warm-up (imports, dentries): also fixes the output size the floor must write
             runs["ours"].clear()
-            order = [run_ours, run_floor, run_mergekit]
-            for rep in range(args.repeats):  # rotate the order so no method always goes first
-                for fn in order[rep % 3:] + order[: rep % 3]:
+            order = [run_floor, run_ours, run_mergekit]
+            for rep in range(args.repeats):  # alternate: floor first on even repetitions, ours first on odd
+                for fn in (order if rep % 2 == 0 else [run_ours, run_floor, run_mergekit]):
                     fn()
             results["runs"][shape_name] = {"input_bytes": in_bytes, "output_bytes": out_bytes, **runs}
             summarize(shape_name, results["runs"][shape_name])
@@ -262,9 +319,21 @@ def summarize(name: str, r: dict) -> None:
     rss = {k: max(x["peak_rss_mib"] for x in v) for k, v in r.items() if isinstance(v, list) and v}
     print(f"\n== {name}: {r['input_bytes'] / 1e9:.2f} GB in -> {r['output_bytes'] / 1e9:.2f} GB out")
     for k in med:
+        walls = [x["wall_s"] for x in r[k]]
         ratio = med[k] / med["floor"]
-        print(f"  {k:15s} median wall {med[k]:7.1f}s  ({ratio:.2f}x floor)  peak RSS {rss[k]:7.0f} MiB  "
-              f"runs {[round(x['wall_s'], 1) for x in r[k]]}")
+        print(f"  {k:15s} median wall {med[k]:7.2f}s  (min {min(walls):.2f}, max {max(walls):.2f})  "
+              f"{ratio:.3f}x floor  peak RSS {rss[k]:5.0f} MiB  runs {[round(w, 2) for w in walls]}")
+    # Each repetition ran floor and ours back to back: their ratio is taken under the same load.
+    pairs = [o["wall_s"] / f["wall_s"] for o, f in zip(r["ours"], r["floor"])]
+    if pairs:
+        print(f"  ours/floor paired ratios {[round(x, 3) for x in pairs]}: median {statistics.median(pairs):.3f}x "
+              f"(min {min(pairs):.3f}, max {max(pairs):.3f})")
+    loads = [x["loadavg_before"] for v in r.values() if isinstance(v, list) for x in v]
+    cached = [x.get("input_cached_bytes") for v in r.values() if isinstance(v, list) for x in v]
+    if loads:
+        print(f"  1-min load average before the runs: {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs")
+    if cached and all(c is not None for c in cached):
+        print(f"  input bytes in the page cache at each start: at most {max(cached) / 2**20:.0f} MiB")
     if "mergekit" in med and "mergekit_fsync" in med:
         print(f"  mergekit+fsync  median wall {med['mergekit'] + med['mergekit_fsync']:7.1f}s  "
               f"({(med['mergekit'] + med['mergekit_fsync']) / med['floor']:.2f}x floor)")

@@ -24,6 +24,7 @@ from typing import Iterable, List, Optional, Sequence
 
 from pipeline.errors import ConfigError
 from pipeline.evaluation.metrics import scored_nll
+from pipeline.log import progress as progress_display
 
 
 @dataclass
@@ -136,7 +137,6 @@ def analyze_layers(
     Pass ``model_dir`` (loaded here) or an already loaded ``model``.
     """
     import torch
-    from tqdm.auto import tqdm
 
     if model is None:
         if model_dir is None:
@@ -159,7 +159,7 @@ def analyze_layers(
     started = time.perf_counter()
     try:
         with torch.no_grad():
-            for batch in tqdm(token_batches, total=total_batches, desc="layer similarity", unit="batch",
+            for batch in progress_display(token_batches, total=total_batches, desc="layer similarity", unit="batch",
                               disable=not progress):
                 ids = batch.to(dev)
                 last_output.clear()
@@ -204,14 +204,13 @@ def measure_perplexity(model_dir: Path | str | None = None, token_batches: Itera
                        total_batches: Optional[int] = None, desc: str = "perplexity") -> float:
     """exp(mean next-token NLL) over the batches: a plain forward pass, the cost baseline of the analysis."""
     import torch
-    from tqdm.auto import tqdm
 
     if model is None:
         model = load_causal_lm(model_dir, device=device, dtype=dtype)
     dev = next(model.parameters()).device
     nll_sum, nll_count = 0.0, 0
     with torch.no_grad():
-        for batch in tqdm(token_batches, total=total_batches, desc=desc, unit="batch", disable=not progress):
+        for batch in progress_display(token_batches, total=total_batches, desc=desc, unit="batch", disable=not progress):
             ids = batch.to(dev)
             nll, count = _next_token_nll(model(input_ids=ids, use_cache=False).logits, ids, model)
             nll_sum += nll

@@ -21,6 +21,7 @@ from typing import Dict, List
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, disk_full_error, is_disk_full
 from pipeline.fsutil import fmt_bytes
+from pipeline.log import progress as progress_display
 from pipeline.merge.config import MergeConfig
 from pipeline.merge.plan import GENERATION_CONFIG, TOKENIZER_FILES, ResolvedMerge, TensorOp, validate_merge
 from pipeline.merge.safetensors_io import COMPUTE_CHUNK, DTYPES, ByteCopier, write_all
@@ -117,8 +118,6 @@ def write_index(plan: ResolvedMerge, out: Path) -> None:
 
 def write_sharded(plan: ResolvedMerge, out: Path, *, progress: bool = True, copy_mode: str = "auto") -> dict:
     """Write every output shard: headers first, then tensor data in source order."""
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     copier = ByteCopier(copy_mode)
     out_fds: List[int] = []
@@ -132,7 +131,7 @@ def write_sharded(plan: ResolvedMerge, out: Path, *, progress: bool = True, copy
             out_fds.append(fd)
             _preallocate(fd, shard.size)
             write_all(fd, shard.header, 0)
-        with tqdm(total=sum(op.out_nbytes for op in plan.ops), unit="B", unit_scale=True, unit_divisor=1024,
+        with progress_display(total=sum(op.out_nbytes for op in plan.ops), unit="B", unit_scale=True, unit_divisor=1024,
                   desc="merge", disable=not progress, mininterval=0.5) as bar:
             src_file, src_fd = None, -1
             for ops in groups:

@@ -53,6 +53,7 @@ from pipeline.data import (
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.evaluation.metrics import heldout_perplexity
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, file_lock, hash_path, hash_text
+from pipeline.log import progress as progress_display
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,6 @@ def pretrain(cfg: DemoModelConfig, tokenizer, train_stream, *, progress: bool):
     """Pretrain a fresh tiny Mistral on ``seq_len`` blocks of the train stream (each epoch a new
     random phase and order). Returns (model, per-step log rows, training seconds)."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import MistralForCausalLM, get_cosine_schedule_with_warmup
 
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
@@ -351,7 +351,7 @@ def pretrain(cfg: DemoModelConfig, tokenizer, train_stream, *, progress: bool):
     batches = _batches(train_stream, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     log_rows: list[dict] = []
     t_train = time.perf_counter()
-    bar = tqdm(total=cfg.train_steps, desc="demo base: pretraining", unit="step", disable=not progress,
+    bar = progress_display(total=cfg.train_steps, desc="demo base: pretraining", unit="step", disable=not progress,
                dynamic_ncols=True)
     ema = None
     for step in range(1, cfg.train_steps + 1):

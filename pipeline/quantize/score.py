@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from pipeline.log import progress
 from pipeline.quantize.install import import_llama_cpp
 
 # Rows of logits turned into log-probs / KL at a time (float64): bounds the scratch memory.
@@ -103,7 +103,7 @@ def score_reference(*, gguf_path: Path, windows: list[list[int]], scratch: Path,
         targets = np.empty(positions, dtype=np.int64)
         nll = np.empty(positions, dtype=np.float64)
         start, row = time.perf_counter(), 0
-        for w in tqdm(windows, desc=desc, unit="window", leave=False):
+        for w in progress(windows, desc=desc, unit="window", leave=False):
             logits = scorer.window_logits(w)
             tgt = np.asarray(w[1:], dtype=np.int64)
             for a in range(0, len(tgt), ROWS_PER_STEP):
@@ -142,7 +142,7 @@ def score_against_reference(*, gguf_path: Path, windows: list[list[int]], refere
         agree = np.empty(positions, dtype=bool)
         nll = np.empty(positions, dtype=np.float64)
         start, row = time.perf_counter(), 0
-        for w in tqdm(windows, desc=desc, unit="window", leave=False):
+        for w in progress(windows, desc=desc, unit="window", leave=False):
             logits = scorer.window_logits(w)
             for a in range(0, logits.shape[0], ROWS_PER_STEP):
                 lp = _log_softmax(logits[a:a + ROWS_PER_STEP])

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from pipeline.log import LineProgress, progress_mode
 
 # Dense bf16 peak FLOP/s per device, for MFU. Source: vendor datasheets (SXM parts, no sparsity).
 PEAK_BF16_FLOPS = {
@@ -202,3 +205,53 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
             self.stopped_at = state.global_step
 
+
+class FileProgressCallback(TrainerCallback):
+    """The Trainer's progress as plain lines (``pipeline.log.LineProgress``: each 5 % or 30 s, with
+    the step, rate, ETA and the last logged loss, tokens/s and MFU) instead of tqdm's
+    carriage-return bar, for output that is not a terminal. Evaluation results and the final
+    summary are one line each. Rank 0 only, as the Trainer's own bar."""
+
+    SHOWN = ("loss", "grad_norm", "learning_rate", "tokens_per_s_total", "mfu")
+
+    def __init__(self, desc: str = "train"):
+        self.desc = desc
+        self.bar: LineProgress | None = None
+        self.shown: dict = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            self.bar = LineProgress(total=state.max_steps, desc=self.desc, unit="step", initial=state.global_step)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:  # a training log: shown with the next progress line
+            self.shown = {k: logs[k] for k in self.SHOWN if k in logs}
+            self.bar.set_postfix({k: _short(v) for k, v in self.shown.items()})
+        else:  # evaluation results, or the end-of-training summary: rare, one line each
+            self.bar.write(f"at step {state.global_step}: " + ", ".join(f"{k}={_short(v)}" for k, v in logs.items()))
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def use_line_progress(trainer, desc: str) -> None:
+    """Replace the Trainer's tqdm bar by ``FileProgressCallback`` when stderr is not a terminal
+    (or ``DUS_PROGRESS=lines``); drop it with ``DUS_PROGRESS=off``; keep it on a terminal."""
+    mode = progress_mode()
+    if mode == "bars":
+        return
+    trainer.remove_callback(ProgressCallback)
+    if mode == "lines":
+        trainer.add_callback(FileProgressCallback(desc))

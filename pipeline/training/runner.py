@@ -33,7 +33,7 @@ from pipeline import metric_names as M
 from pipeline.config import PipelineConfig
 from pipeline.fsutil import atomic_write_json, disk_full_guard
 from pipeline.manifest import StageInput, stage_dir
-from pipeline.training.callbacks import ConsumedTokens, PreemptionCallback, ThroughputCallback, training_flops_per_token
+from pipeline.training.callbacks import ConsumedTokens, PreemptionCallback, ThroughputCallback, training_flops_per_token, use_line_progress
 from pipeline.training.distributed import init_distributed_state, load_deepspeed_config
 from pipeline.training.model import (
     attn_implementation,
@@ -175,6 +175,7 @@ def add_callbacks(ctx: RankContext, setup: TrainerSetupLike) -> tuple[ConsumedTo
     throughput = ThroughputCallback(consumed=consumed, world_size=ctx.world,
                                     flops_per_token=training_flops_per_token(model.config, n_params, setup.seq_len))
     setup.trainer.add_callback(throughput)
+    use_line_progress(setup.trainer, ctx.stage.name)
     zero = ctx.ds_config["zero_optimization"]["stage"] if ctx.ds_config else None
     ctx.log(f"input: {ctx.input_model} (from stage '{ctx.prev_stage}') | ranks: {ctx.world} | ZeRO: "
             f"{zero if zero is not None else 'off'} | precision: {'bf16' if ctx.bf16 else 'fp32'} | "
