@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pipeline.data.mistral import text_token_ids
 from pipeline.errors import ConfigError
 from pipeline.hub import datasets_offline
 
@@ -325,16 +326,16 @@ class PackedBlocks:
 
 
 def tokenize_records(tokenizer, records: list[str], *, batch_size: int = 256) -> list[list[int]]:
-    """Token ids per record, wrapped as [bos] + text + [eos] (bos only if the model uses one)."""
+    """Token ids per record, wrapped as [bos] + text + [eos] (bos only if the model uses one). The
+    text's ids come from ``pipeline.data.mistral.text_token_ids``: mistral-common's for a Mistral
+    tokenizer (as Mistral and sft encode text), the tokenizer's own otherwise."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("tokenizer", "has no eos_token: documents cannot be separated", "set tokenizer.eos_token")
     out: list[list[int]] = []
     for start in range(0, len(records), batch_size):
-        # verbose=False: records longer than the model's context are expected (packing cuts them).
-        enc = tokenizer(records[start : start + batch_size], add_special_tokens=False, verbose=False)["input_ids"]
-        out.extend(bos + ids + [eos] for ids in enc)
+        out.extend(bos + ids + [eos] for ids in text_token_ids(tokenizer, records[start : start + batch_size]))
     return out
 
 

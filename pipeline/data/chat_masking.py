@@ -31,9 +31,10 @@ markers (and for one with them: markers render to nothing):
 Mistral models are encoded by mistral-common, not by their Hub template (the v0.3 Hub template
 drops the system prompt when the conversation ends with an assistant turn; mistral-common's
 encoder keeps it, in the last user turn, as Mistral trained it). A tokenizer is Mistral's when its
-vocabulary - the piece at every id - equals one of the SentencePiece tokenizers mistral-common
-ships (v1, v2, v3): names, paths and templates are not trusted, and a Llama-2-style ``[INST]``
-template on another vocabulary goes through the template path. The ids are then exactly
+vocabulary - the piece at every id - equals one of the tokenizers mistral-common ships
+(SentencePiece v1, v2, v3, v7, tekken; ``pipeline.data.mistral``): names, paths and templates are
+not trusted, and a Llama-2-style ``[INST]`` template on another vocabulary goes through the
+template path. The ids are then exactly
 mistral-common's, and the trained tokens are each assistant message's own encoding (reply + eos).
 
 Truncation (``max_length``) keeps the first ``max_length`` tokens, after the whole example was
@@ -53,19 +54,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.data import read_rows, sft_row_messages
+from pipeline.data.mistral import mistral_common_tokenizer_for
 from pipeline.errors import ConfigError
 
 IGNORE_INDEX = -100
 # The reasoning tags the templates of reasoning models parse out of an assistant reply (Qwen3,
 # DeepSeek-R1 distills): a template may drop the block from earlier turns or add an empty one.
 REASONING_OPEN, REASONING_CLOSE = "<think>", "</think>"
-# mistral-common's SentencePiece tokenizers, newest first (v2 and v3 share the 32,768-piece size:
-# the first whose pieces all match wins).
-MISTRAL_SENTENCEPIECE_FILES = (
-    "mistral_instruct_tokenizer_240323.model.v3",
-    "mistral_instruct_tokenizer_240216.model.v2",
-    "tokenizer.model.v1",
-)
 
 
 @dataclass(frozen=True)
@@ -317,55 +312,6 @@ def _mask_with_template(tokenizer, messages: list[dict], *, train_roles: Sequenc
 # ---------------------------------------------------------------------------------------------
 # Mistral: mistral-common's encoder
 # ---------------------------------------------------------------------------------------------
-
-_MISTRAL_CACHE: dict[int, tuple[Any, Any]] = {}  # id(tokenizer) -> (tokenizer, MistralTokenizer | None)
-
-
-def _looks_like_mistral(tokenizer) -> bool:
-    vocab_size = len(tokenizer)
-    return vocab_size in (32000, 32768) and (tokenizer.convert_tokens_to_ids("[INST]") not in (None, tokenizer.unk_token_id)
-                                             or "[INST]" in str(getattr(tokenizer, "chat_template", "") or ""))
-
-
-def mistral_common_tokenizer_for(tokenizer):
-    """mistral-common's ``MistralTokenizer`` (fine-tuning validation) whose SentencePiece vocabulary
-    is the tokenizer's own - the piece at every id equal - or None when it is not a Mistral one.
-
-    Raises ConfigError when the tokenizer looks like Mistral's (32,000/32,768 pieces and an
-    ``[INST]`` token or template) but mistral-common is not installed.
-    """
-    cached = _MISTRAL_CACHE.get(id(tokenizer))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-    found = None
-    if _looks_like_mistral(tokenizer):
-        try:
-            import mistral_common
-            from mistral_common.protocol.instruct.validator import ValidationMode
-            from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-        except ImportError:
-            raise ConfigError(
-                "tokenizer", "looks like a Mistral tokenizer, whose conversations must be encoded by mistral-common "
-                "(the Hub template drops the system prompt of training conversations)",
-                "pip install 'dus-pipeline[real-models]' (mistral-common, sentencepiece, protobuf)",
-            ) from None
-        vocab = tokenizer.get_vocab()
-        pieces_by_id = {i: p for p, i in vocab.items()}
-        data = Path(mistral_common.__file__).parent / "data"
-        for name in MISTRAL_SENTENCEPIECE_FILES:
-            path = data / name
-            if not path.exists():
-                continue
-            candidate = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
-            sp = candidate.instruct_tokenizer.tokenizer
-            if sp.n_words != len(pieces_by_id):
-                continue
-            if all(sp.id_to_piece(i) == pieces_by_id.get(i) for i in range(sp.n_words)):
-                found = candidate
-                break
-    _MISTRAL_CACHE[id(tokenizer)] = (tokenizer, found)
-    return found
-
 
 def _mask_with_mistral_common(tokenizer, mistral, messages: list[dict], *, train_roles: Sequence[str],
                               train_end_of_turn: bool, where: str) -> MaskedExample:

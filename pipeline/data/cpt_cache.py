@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 
 from pipeline.data import is_hub_dataset_name, iter_packed_blocks, iter_text_records, tokenize_records
+from pipeline.data.mistral import plain_text_encoder
 from pipeline.data.splits import HELDOUT, SELECTION, RecordSplits
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_json, file_lock, hash_path
@@ -97,6 +98,8 @@ def cache_key(cfg, tokenizer, sources: list[TextSource]) -> str:
         "text_column": d.text_column, "separator": d.txt_document_separator, "max_record_chars": d.max_record_chars,
         "heldout_fraction": d.heldout_fraction, "seq_len": cfg.cpt.seq_len, "seed": cfg.cpt.seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
+        # Which encoder makes the ids (mistral-common's for a Mistral tokenizer): other encoder, other ids.
+        "encoder": plain_text_encoder(tokenizer),
     }
     if d.selection_fraction:  # only when set: caches made before the selection split stay valid
         spec["selection_fraction"] = d.selection_fraction

@@ -23,8 +23,10 @@ Rows that cannot teach anything, or would teach the wrong thing, are refused wit
 naming the file and row: chosen equal to rejected, an empty prompt or reply, and a pair whose two
 conversations have different prompt turns (their rewards would not be comparable).
 
-``tokenize_pair`` splits a pair into prompt / chosen / rejected token ids exactly as
-``trl.DPOTrainer`` does; the trainer's fixed batch and the held-out evaluation both use it.
+``tokenize_pair`` splits a pair into prompt / chosen / rejected token ids with sft's encoder
+(mistral-common for Mistral, the chat template otherwise) and refuses a pair whose prompt ids are not
+a prefix of its prompt + reply ids; the trainer (which takes these ids instead of tokenizing
+itself), its fixed batch and the held-out evaluation all use it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from pipeline.data import check_data_file, is_hub_dataset_name, iter_hub_rows, read_rows, split_records
+from pipeline.data.mistral import mistral_common_tokenizer_for
 from pipeline.errors import ConfigError
 
 DPO_FORMATS = ("strings", "messages")
@@ -137,6 +140,14 @@ def row_to_preference(row: dict, fmt: str) -> dict:
     return pair
 
 
+class PreferencePair(dict):
+    """A pair in TRL's conversational shape (a plain dict to every consumer, equal to one) that
+    remembers the file and row it was read from, so that a problem found later - a prompt whose ids
+    are not a prefix of prompt + reply (``tokenize_pair``) - names that row."""
+
+    source: str | None = None
+
+
 def preference_row(row, *, fmt: str, where: str, field: str = "data.dpo_format") -> dict:
     """``row_to_preference`` with the format detected when ``fmt`` is auto, and a ConfigError naming
     the file and row for anything that is not a usable pair."""
@@ -148,10 +159,12 @@ def preference_row(row, *, fmt: str, where: str, field: str = "data.dpo_format")
         raise ConfigError(where, f"no preference format recognised from the columns {columns}",
                           f"give {ACCEPTED_FORMATS_TEXT}")
     try:
-        return row_to_preference(row, row_fmt)
+        pair = PreferencePair(row_to_preference(row, row_fmt))
     except ValueError as e:
         raise ConfigError(where, f"{e} (format: {row_fmt})",
                           f"fix or drop the row (accepted: {ACCEPTED_FORMATS_TEXT})") from None
+    pair.source = where
+    return pair
 
 
 def iter_preference_rows(name: str, *, field: str = "data.dpo_files") -> Iterator[dict]:
@@ -214,14 +227,18 @@ def check_preference_files(files: list[str], *, dpo_format: str = "auto", field:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenization, as trl.DPOTrainer 1.16 does it (training and evaluation share this one rule)
+# Tokenization (training and evaluation share this one rule)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TokenizedPair:
     prompt_ids: list[int]
-    chosen_ids: list[int]
+    chosen_ids: list[int]  # the chosen reply's tokens as trained: the prompt's continuation
     rejected_ids: list[int]
+
+    def as_row(self) -> dict[str, list[int]]:
+        """The columns trl.DPOTrainer's collator takes."""
+        return {"prompt_ids": self.prompt_ids, "chosen_ids": self.chosen_ids, "rejected_ids": self.rejected_ids}
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -233,16 +250,73 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=add_generation_prompt)
+def _template_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool, where: str) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(where, "the tokenizer has no chat template: prompts and replies cannot be rendered",
+                          "use the sft model's tokenizer (it has one) or set tokenizer.chat_template")
+    try:
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja's raise_exception(...): the row's roles or order
+        raise ConfigError(where, f"the chat template refused this pair: {type(e).__name__}: {e}",
+                          "fix the row (roles, order) or use a template that accepts it") from None
     return list(enc["input_ids"])
 
 
-def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
-    """Prompt, chosen and rejected token ids, split where ``trl.DPOTrainer`` splits them."""
-    prompt = _chat_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
-    full_chosen = _chat_ids(tokenizer, pair["prompt"] + pair["chosen"], add_generation_prompt=False)
-    full_rejected = _chat_ids(tokenizer, pair["prompt"] + pair["rejected"], add_generation_prompt=False)
-    n = min(_common_prefix_length(prompt, full_chosen), _common_prefix_length(prompt, full_rejected))
-    return TokenizedPair(prompt[:n], full_chosen[n:], full_rejected[n:])
+def _mistral_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool, where: str) -> list[int]:
+    """mistral-common's encoding, as sft encodes conversations: the prompt alone as at inference
+    (validated as a request ending with the user's turn), prompt + reply as in fine-tuning."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    mistral = mistral_common_tokenizer_for(tokenizer, mode="test" if add_generation_prompt else "finetuning")
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    unknown = next((m["role"] for m in messages if m["role"] not in kinds), None)
+    if unknown is not None:
+        raise ConfigError(where, f"has role '{unknown}', which the Mistral encoder does not take here",
+                          "use system/user/assistant turns")
+    request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+    try:
+        return list(mistral.encode_chat_completion(request).tokens)
+    except Exception as e:  # mistral-common's validation: role order, empty turns, ...
+        raise ConfigError(where, f"mistral-common refused this pair: {type(e).__name__}: {e}",
+                          "fix the row (user/assistant turns alternating, non-empty turns)") from None
+
+
+def pair_source(pair: dict, default: str = "preference pair") -> str:
+    """The file and row a pair was read from (``load_preferences`` records it), else ``default``."""
+    return getattr(pair, "source", None) or default
+
+
+def tokenize_pair(tokenizer, pair: dict, *, where: str | None = None) -> TokenizedPair:
+    """Prompt, chosen and rejected token ids of one pair.
+
+    The encoder is sft's: mistral-common for a Mistral tokenizer (``pipeline.data.mistral``; the
+    Hub's v0.3 template would drop the system prompt and move the split into the user turn), the
+    chat template otherwise (the prompt rendered with the generation prompt, as at inference, then
+    prompt + reply, as trl.DPOTrainer does). The prompt's ids must be a prefix of both prompt +
+    reply renderings: otherwise the "reply" would hold template or prompt tokens, or the prompt
+    trained on would not be the one the model sees at inference, and the pair is refused with a
+    ConfigError naming ``where`` (default: the file and row the pair came from)."""
+    where = where or pair_source(pair)
+    encode = _mistral_ids if mistral_common_tokenizer_for(tokenizer) is not None else _template_ids
+    prompt = encode(tokenizer, pair["prompt"], add_generation_prompt=True, where=where)
+    replies = {}
+    for side in ("chosen", "rejected"):
+        full = encode(tokenizer, pair["prompt"] + pair[side], add_generation_prompt=False, where=where)
+        n = _common_prefix_length(prompt, full)
+        if n < len(prompt):
+            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+            raise ConfigError(
+                where,
+                f"the prompt's {len(prompt)} token ids are not a prefix of prompt + {side} reply (they differ at token "
+                f"{n}: the prompt continues {decode(prompt[n:n + 12])!r}, prompt + reply {decode(full[n:n + 12])!r})",
+                "the chat template renders the prompt differently when a reply follows (or tokens merge across the "
+                "boundary), so the reply's tokens cannot be told from the prompt's; use a template that renders the "
+                "prompt the same way in both cases, or drop the row",
+            )
+        if len(full) == n:
+            raise ConfigError(where, f"prompt + {side} reply renders no token after the prompt",
+                              "the template drops the reply; fix the row or the template")
+        replies[side] = full[n:]
+    return TokenizedPair(prompt, replies["chosen"], replies["rejected"])

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.preference import TokenizedPair, tokenize_pair
+from pipeline.data.preference import TokenizedPair, pair_source, tokenize_pair
 from pipeline.errors import ConfigError
 
 
@@ -164,10 +164,8 @@ def evaluate_preferences(*, policy_dir: str | Path, reference_dir: str | Path, p
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir), trust_remote_code=trust_remote_code)
-    if not tokenizer.chat_template:
-        raise ConfigError(f"tokenizer of {policy_dir}", "has no chat template: replies cannot be located",
-                          "evaluate a model whose tokenizer has a chat template")
-    tokenized_all = [tokenize_pair(tokenizer, p) for p in pairs]
+    # dpo's own split (sft's encoder; a pair whose prompt is not a prefix of prompt + reply refused).
+    tokenized_all = [tokenize_pair(tokenizer, p, where=pair_source(p, f"held-out pair {i}")) for i, p in enumerate(pairs)]
     tokenized = [t for t in tokenized_all if max_length is None or len(t.prompt_ids) < max_length]
     skipped = len(tokenized_all) - len(tokenized)
 

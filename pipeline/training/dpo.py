@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import LoraSettings
-from pipeline.data.preference import tokenize_pair
+from pipeline.data.preference import TokenizedPair, pair_source, tokenize_pair
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_output_dir, atomic_write_json, hash_text
 from pipeline.training.callbacks import RecordingCollator
@@ -80,14 +80,36 @@ def trl_loss_arguments(s: DPOSettings) -> dict[str, Any]:
     return {"loss_type": [s.loss_type, "sft"], "loss_weights": [1.0, float(s.rpo_alpha)]}
 
 
-def drop_long_prompts(tokenizer, pairs: list[dict], *, max_prompt_length: int | None) -> tuple[list[dict], int]:
-    """Pairs whose prompt (rendered as TRL renders it, with the generation prompt) fits; and how many did not."""
+def tokenize_pairs(tokenizer, pairs: list[dict], *, max_prompt_length: int | None) -> tuple[list[TokenizedPair], int]:
+    """Every pair split into prompt / chosen / rejected ids by ``tokenize_pair`` (sft's encoder; a pair
+    whose prompt ids are not a prefix of prompt + reply is refused, naming its file and row), the
+    ones whose prompt fits ``max_prompt_length``; and how many did not fit."""
+    tokenized = [tokenize_pair(tokenizer, p, where=pair_source(p, f"training pair {i}")) for i, p in enumerate(pairs)]
     if max_prompt_length is None:
-        return pairs, 0
-    kept = [p for p in pairs
-            if len(tokenizer.apply_chat_template(p["prompt"], tokenize=True, return_dict=True,
-                                                 add_generation_prompt=True)["input_ids"]) <= max_prompt_length]
-    return kept, len(pairs) - len(kept)
+        return tokenized, 0
+    kept = [t for t in tokenized if len(t.prompt_ids) <= max_prompt_length]
+    return kept, len(tokenized) - len(kept)
+
+
+def pretokenized_dpo_trainer_class():
+    """``trl.DPOTrainer`` taking rows already split by ``tokenize_pair`` (``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids``) instead of rendering them with the chat template itself: TRL
+    1.16 always renders, which for Mistral goes through the Hub template (system prompt dropped, the
+    split moved into the user turn). TRL's own drop of pairs whose prompt alone fills ``max_length``
+    (no reply token would be left) is kept."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names or ())
+            if missing:
+                raise ConfigError(f"dpo {dataset_name} dataset", f"lacks the columns {sorted(missing)}",
+                                  "pass pairs through pipeline.training.dpo.tokenize_pairs")
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+            return dataset
+
+    return PretokenizedDPOTrainer
 
 
 def pair_token_ids(example) -> list[int]:
@@ -149,13 +171,11 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
     ``shared_dataset_dir`` (storage all ranks see) is needed with ``precompute_ref_log_probs``
     (see ``pairs_dataset``)."""
     from trl import DPOConfig as TrlDPOConfig
-    from trl import DPOTrainer
 
     validate_dpo_settings(settings)
-    if not tokenizer.chat_template:
-        raise ConfigError(f"tokenizer of {model_dir}", "has no chat template: DPO renders prompts and replies with it",
-                          "use the sft model's tokenizer (it has one) or set tokenizer.chat_template")
-    pairs, dropped = drop_long_prompts(tokenizer, train_pairs, max_prompt_length=settings.max_prompt_length)
+    # Every pair tokenized (and a bad one refused) before a model is loaded.
+    pairs, dropped = tokenize_pairs(tokenizer, train_pairs, max_prompt_length=settings.max_prompt_length)
+    eval_rows = tokenize_pairs(tokenizer, eval_pairs, max_prompt_length=None)[0] if eval_pairs else []
     if not pairs:
         raise ConfigError("dpo.max_prompt_length", f"drops all {len(train_pairs)} training pairs",
                           "raise it (or dpo.max_length), or leave it null")
@@ -175,11 +195,13 @@ def build_dpo_trainer(*, model_dir: str, tokenizer, train_pairs: list[dict], set
     ref_model, peft_config = None, lora_config(settings)
     if peft_config is None and not settings.precompute_ref_log_probs:
         ref_model = load_policy(model_dir, bf16=bf16, attn=attn, trust_remote_code=trust_remote_code)
-    trainer = DPOTrainer(
+    trainer = pretokenized_dpo_trainer_class()(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,
-        train_dataset=pairs_dataset(pairs, shared_dir=shared_dataset_dir and Path(shared_dataset_dir) / "train"),
-        eval_dataset=pairs_dataset(eval_pairs, shared_dir=shared_dataset_dir and Path(shared_dataset_dir) / "eval")
-        if eval_pairs else None,
+        train_dataset=pairs_dataset([t.as_row() for t in pairs],
+                                    shared_dir=shared_dataset_dir and Path(shared_dataset_dir) / "train"),
+        eval_dataset=pairs_dataset([t.as_row() for t in eval_rows],
+                                   shared_dir=shared_dataset_dir and Path(shared_dataset_dir) / "eval")
+        if eval_rows else None,
     )
     collator = RecordingPreferenceCollator(trainer.data_collator)
     trainer.data_collator = collator
@@ -193,8 +215,8 @@ def preference_fixed_batch(tokenizer, pairs: list[dict], *, max_length: int) -> 
     """input_ids/attention_mask/labels of a few pairs' chosen conversations, labels on the reply only:
     a fixed batch whose loss checks that a saved DPO model is the trained one (the hand-off check)."""
     rows = []
-    for p in pairs:
-        t = tokenize_pair(tokenizer, p)
+    for i, p in enumerate(pairs):
+        t = tokenize_pair(tokenizer, p, where=pair_source(p, f"fixed-batch pair {i}"))
         ids = (t.prompt_ids + t.chosen_ids)[:max_length]
         rows.append((ids, [-100] * len(t.prompt_ids[:max_length]) + ids[len(t.prompt_ids):]))
     return padded_batch(tokenizer, rows)
