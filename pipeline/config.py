@@ -145,6 +145,10 @@ class CPTConfig(TrainConfig):
     # "added": the layers the merge added, from its manifest (block expansion's new blocks, or a
     # passthrough merge's repeated layers: the second copy of each duplicated source layer).
     trainable_from_merge: Optional[str] = None
+    # Held-out loss every this many training tokens (0 = off): the Trainer's own eval steps, rounded to
+    # whole optimizer steps, plus one at the last step; the curve (tokens actually seen at each point)
+    # goes into the cpt metrics as heldout_curve (docs/growth-study.md).
+    eval_every_tokens: int = 0
 
 
 @dataclass

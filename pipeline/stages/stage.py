@@ -34,7 +34,8 @@ from pipeline.training.launch import launch_training
 ADDED_LATER = {"model": {"gguf_file": None},
                "merge": {"target_layers": None, "auto_top_k": 3, "auto_tokens": 4096},
                "data": {"selection_fraction": 0.0},
-               "eval": {"harness_preset": None, "decontaminate": False}}
+               "eval": {"harness_preset": None, "decontaminate": False},
+               "cpt": {"eval_every_tokens": 0}}
 # Data fields only the dpo stage reads (and eval, when dpo runs): other stages' keys leave them out,
 # so adding preference data re-runs neither cpt nor sft.
 PREFERENCE_DATA_FIELDS = ("dpo_files", "dpo_format")
@@ -131,7 +132,7 @@ class TrainingStage(BaseStage):
 
     def key_config(self, cfg: PipelineConfig) -> dict:
         return {
-            self.name: asdict(self.section(cfg)),
+            self.name: section_for_key(self.name, asdict(self.section(cfg))),
             "data": data_for_key(cfg, reads_preference_data=self.reads_preference_data),
             "distributed": {"zero_stage": cfg.distributed.zero_stage, "num_processes": cfg.distributed.num_processes,
                             "num_machines": cfg.distributed.num_machines},
