@@ -37,7 +37,12 @@ from pipeline.quantize.convert import (
     convert_to_gguf,
     read_checkpoint_facts,
 )
-from pipeline.quantize.fidelity import check_tokenizer_fidelity
+from pipeline.quantize.fidelity import (
+    MAX_CONVERSION_KLD,
+    MIN_CONVERSION_TOP1,
+    check_conversion,
+    check_tokenizer_fidelity,
+)
 from pipeline.quantize.gguf_file import format_type_mix, tensor_type_mix
 from pipeline.quantize.imatrix import ImportanceMatrix, compute_imatrix
 from pipeline.quantize.install import LlamaCppInstall, find_llama_cpp, import_llama_cpp
@@ -75,8 +80,11 @@ class GgufLadderConfig:
     imatrix_ctx: int = 512
     imatrix_chunks: int | None = 128
     n_threads: int | None = None
-    # Compare the reference GGUF with transformers' own logits on the first window.
+    # Compare the reference GGUF with transformers' own logits on the first window, and fail the
+    # ladder above this mean KL (nats) / below this top-1 agreement (pipeline.quantize.fidelity).
     compare_with_transformers: bool = True
+    max_conversion_kld: float = MAX_CONVERSION_KLD
+    min_conversion_top1: float = MIN_CONVERSION_TOP1
     # Disk needed = estimate x this margin (small models' files run above the nominal bpw).
     disk_margin: float = 1.3
     # File names: <stem>-<TYPE>.gguf; default the model directory's name.
@@ -283,6 +291,15 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
     if config.compare_with_transformers and plan.facts.n_params <= TRANSFORMERS_CHECK_MAX_PARAMS:
         result["reference_vs_transformers"] = compare_reference_with_transformers(model_dir=model_dir, window=windows[0],
                                                                                   reference=reference)
+        check_conversion(result["reference_vs_transformers"], max_kld=config.max_conversion_kld,
+                         min_top1=config.min_conversion_top1)
+        result["conversion_verified"] = {"verified": True, "max_kld": config.max_conversion_kld,
+                                         "min_top1": config.min_conversion_top1}
+    else:
+        why = ("compare_with_transformers is off" if not config.compare_with_transformers else
+               f"{plan.facts.n_params / 1e9:.1f}B parameters, above the {TRANSFORMERS_CHECK_MAX_PARAMS / 1e9:.0f}B loaded "
+               "into transformers for the check")
+        result["conversion_verified"] = {"verified": False, "why": why}
 
     imatrix = None
     # The imatrix is computed only when an imatrix rung still has to be made (a rerun after all of

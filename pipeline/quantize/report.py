@@ -38,10 +38,21 @@ def ladder_markdown(result: dict) -> str:
         lines += ["", (f"Reference vs transformers (first window, {hf['positions']} positions): KLD "
                        f"{hf['mean_kld']:.2e}, top-1 {hf['top1_agreement']:.4f}, max |log-prob diff| "
                        f"{hf['max_abs_logprob_diff']:.2e}.")]
+    conv = result.get("conversion_verified") or {}
+    if conv.get("verified") is False:
+        lines += ["", f"**Conversion not verified** against transformers ({conv.get('why')}): the reference GGUF's "
+                      "fidelity to the model is unmeasured (every rung's KL is measured against the reference, not the model)."]
+    elif conv.get("verified"):
+        lines += ["", f"Conversion verified: within KL {conv['max_kld']:g} nats and top-1 {conv['min_top1']:g} of "
+                      "transformers (the stage fails otherwise)."]
     tok = result["tokenizer_fidelity"]
     forced = f"; pre-tokenizer forced to {tok['forced_pre_tokenizer']!r}" if tok.get("forced_pre_tokenizer") else ""
+    chat = (f"; prompts with special tokens (add_bos_token={tok['add_bos']}) and {tok['chat_prompts_checked']} "
+            "chat-rendered prompts equal too" if tok.get("add_bos") is not None else "")
+    if tok.get("chat_not_checked"):
+        chat += f" (chat prompts not checked: {tok['chat_not_checked']})"
     lines += ["", (f"Tokenizer: llama.cpp ids equal transformers' on {tok['texts_checked']} texts "
-                   f"({tok['tokens_checked']} tokens){forced}.")]
+                   f"({tok['tokens_checked']} tokens){forced}{chat}.")]
     if result.get("imatrix"):
         im = result["imatrix"]
         overlap = im.get("calibration_texts_also_scored")
