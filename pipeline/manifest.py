@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import time
@@ -19,7 +20,7 @@ from typing import Any, Optional
 
 from pipeline.config import REPO_ROOT, STAGES
 from pipeline.errors import ConfigError
-from pipeline.fsutil import atomic_write_json, hash_text
+from pipeline.fsutil import atomic_write_json, hash_path, hash_text
 
 MANIFEST_NAME = "manifest.json"
 _VERSIONED_PACKAGES = (
@@ -33,9 +34,26 @@ def stage_dir(run_dir: Path | str, stage: str) -> Path:
 
 
 def stage_key(stage: str, config: dict, inputs: list[StageInput]) -> str:
-    """Identity of a stage's result: its config and the content of its inputs."""
-    payload = {"stage": stage, "config": config, "inputs": sorted(i.sha256 for i in inputs)}
+    """Identity of a stage's result: its config and the content of its inputs. A config value that
+    names a local file or directory enters by its content (``content_keyed``), so the same run from
+    another checkout or with its data moved keeps its keys."""
+    payload = {"stage": stage, "config": content_keyed(config), "inputs": sorted(i.sha256 for i in inputs)}
     return hash_text(json.dumps(payload, sort_keys=True, default=str))
+
+
+def content_keyed(value: Any) -> Any:
+    """``value`` (a config as dicts/lists) with each string that is a path of an existing local file
+    or directory (absolute, or containing a separator) replaced by its content hash. Hashes of large
+    files are cached by (path, size, mtime) in ``fsutil.hash_path``."""
+    if isinstance(value, dict):
+        return {k: content_keyed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [content_keyed(v) for v in value]
+    if isinstance(value, str) and ("/" in value or os.sep in value):
+        path = Path(value).expanduser()
+        if path.exists():
+            return f"content:{hash_path(path)}"
+    return value
 
 
 def package_versions() -> dict[str, str]:
