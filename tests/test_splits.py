@@ -53,10 +53,10 @@ def test_check_disjoint_refuses_a_selection_made_with_other_fractions():
 
 
 @pytest.mark.parametrize("heldout, selection, field, message", [
-    (0.05, 1.0, "data.selection_fraction", "must be a number in"),
-    (0.05, -0.1, "data.selection_fraction", "must be a number in"),
+    (0.05, 1.0, "data.selection_fraction", "must be in \\[0, 1\\)"),
+    (0.05, -0.1, "data.selection_fraction", "must be in \\[0, 1\\)"),
     (0.6, 0.4, "data.selection_fraction", "leaves no record to train on"),
-    (1.0, 0.0, "data.heldout_fraction", "must be a number in"),
+    (1.0, 0.0, "data.heldout_fraction", "must be in \\[0, 1\\)"),
 ])
 def test_bad_fractions_are_refused_naming_the_field(heldout, selection, field, message):
     with pytest.raises(ConfigError, match=message) as e:

@@ -66,7 +66,7 @@ class RecordSplits:
 def check_split_fractions(heldout_fraction: float, selection_fraction: float) -> None:
     for name, value in (("data.heldout_fraction", heldout_fraction), ("data.selection_fraction", selection_fraction)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ConfigError(name, f"must be a number in [0, 1), got {value!r}")
+            raise ConfigError(name, f"must be in [0, 1), got {value!r}")
     if heldout_fraction + selection_fraction >= 1.0:
         raise ConfigError("data.selection_fraction",
                           f"{selection_fraction} + data.heldout_fraction {heldout_fraction} leaves no record to train on",
