@@ -20,6 +20,7 @@ ZERO_STAGE = "zero_stage"
 RESUMED_FROM = "resumed_from"
 RESUME = "resume"
 VERIFICATION = "verification"  # {trained_fixed_batch_loss, reloaded_fixed_batch_loss, abs_diff, rtol}
+HELDOUT_CURVE = "heldout_curve"  # cpt.eval_every_tokens: [{step, tokens_seen, heldout_loss}], the Trainer's eval on the held-out blocks
 
 # The eval stage (pipeline.stages.eval), per evaluated stage.
 HELDOUT = "heldout"  # held-out corpus records, per-token perplexity

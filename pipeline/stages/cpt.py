@@ -16,7 +16,7 @@ from pipeline.data.cpt_cache import BLOCK_COLUMNS, CPTData, cpt_sources, prepare
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest, stage_dir
 from pipeline.stages.stage import TrainerSetup, TrainingStage
-from pipeline.training.callbacks import RecordingCollator
+from pipeline.training.callbacks import EvaluateAtLastStep, RecordingCollator
 from pipeline.training.model import freeze_except, layers_added_by_merge, load_causal_lm, trainer_kwargs
 
 FIXED_BATCH_BLOCKS = 4
@@ -65,13 +65,26 @@ def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
         # IterableDatasetShard) instead of rank 0 reading for all and sending batches out: reading
         # and tokenizing cost far less than a training step, and each rank's data is its own.
         kwargs["accelerator_config"] = {"dispatch_batches": False}
+    eval_dataset = None
+    if cfg.cpt.eval_every_tokens > 0:
+        if data.heldout is None:
+            raise ConfigError("cpt.eval_every_tokens", "needs a held-out split to evaluate on",
+                              "set data.heldout_fraction > 0, or cpt.eval_every_tokens=0")
+        tokens_per_step = (cfg.cpt.per_device_train_batch_size * cfg.cpt.gradient_accumulation_steps
+                           * PartialState().num_processes * cfg.cpt.seq_len)
+        kwargs.update(eval_strategy="steps", eval_steps=max(1, round(cfg.cpt.eval_every_tokens / tokens_per_step)),
+                      per_device_eval_batch_size=cfg.cpt.per_device_train_batch_size)
+        eval_dataset = data.heldout
     args = TrainingArguments(**kwargs)
     model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
                            allow_pickle=cfg.model.allow_pickle)
     freeze_except(model, layers=trainable_layers(cfg), patterns=list(cfg.cpt.trainable_patterns))
     collator = RecordingCollator(default_data_collator)
-    trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
-                      processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=eval_dataset,
+                      data_collator=collator, processing_class=tokenizer)
+    if eval_dataset is not None:
+        # The curve ends where training ends, whether or not the last step is a multiple of eval_steps.
+        trainer.add_callback(EvaluateAtLastStep())
     return TrainerSetup(trainer=trainer, collator=collator, fixed_batch=fixed_batch, data_stats=data_stats,
                         seq_len=cfg.cpt.seq_len)
 

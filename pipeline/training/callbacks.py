@@ -255,3 +255,23 @@ def use_line_progress(trainer, desc: str) -> None:
     trainer.remove_callback(ProgressCallback)
     if mode == "lines":
         trainer.add_callback(FileProgressCallback(desc))
+
+
+class EvaluateAtLastStep(TrainerCallback):
+    """With step-wise evaluation on, evaluate once more after the last optimizer step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps and args.eval_strategy != "no":
+            control.should_evaluate = True
+        return control
+
+
+def heldout_curve(log_history: list[dict]) -> list[dict]:
+    """The Trainer's eval entries as (step, tokens actually seen, held-out loss): the tokens are the
+    non-padding input tokens of every rank up to that step (``include_num_input_tokens_seen``)."""
+    curve = {}
+    for entry in log_history:
+        if "eval_loss" in entry:
+            curve[entry["step"]] = {"step": entry["step"], "tokens_seen": entry.get("num_input_tokens_seen"),
+                                    "heldout_loss": entry["eval_loss"]}
+    return [curve[s] for s in sorted(curve)]

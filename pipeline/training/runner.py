@@ -33,7 +33,7 @@ from pipeline import metric_names as M
 from pipeline.config import PipelineConfig
 from pipeline.fsutil import atomic_write_json, disk_full_guard
 from pipeline.manifest import StageInput, stage_dir
-from pipeline.training.callbacks import ConsumedTokens, PreemptionCallback, ThroughputCallback, training_flops_per_token, use_line_progress
+from pipeline.training.callbacks import ConsumedTokens, heldout_curve, PreemptionCallback, ThroughputCallback, training_flops_per_token, use_line_progress
 from pipeline.training.distributed import init_distributed_state, load_deepspeed_config
 from pipeline.training.model import (
     attn_implementation,
@@ -271,6 +271,7 @@ def run_training_on_rank(stage, cfg: PipelineConfig, *, out_dir: Path) -> Option
             M.RESUMED_FROM: ctx.plan.checkpoint,
             M.RESUME: ctx.plan.metrics(),
             M.VERIFICATION: verification,
+            M.HELDOUT_CURVE: heldout_curve(setup.trainer.state.log_history),
             **{f"data_{k}": v for k, v in setup.data_stats.items()},
         }
         atomic_write_json(out_dir / TRAINING_METRICS, metrics)
