@@ -219,7 +219,8 @@ def test_cli_scores_a_model_with_no_network(tiny_base_model_dir, tmp_path):
     for task in ("arc_challenge", "hellaswag", "winogrande", "gsm8k", "mmlu_anatomy", "mmlu_astronomy"):
         assert raw["n-samples"][task]["effective"] == 2
         samples = [json.loads(line) for line in (out / "samples" / f"{task}.jsonl").read_text().splitlines()]
-        assert [s["doc_id"] for s in samples] == [0, 1]
+        # one line per doc and filter (GSM8K has two: strict-match, flexible-extract)
+        assert sorted({s["doc_id"] for s in samples}) == [0, 1] and len(samples) % 2 == 0
     assert raw["configs"]["arc_challenge"]["num_fewshot"] == 3
     # GSM8K's doc 1 was contaminated and dropped: the second doc scored is the split's third.
     assert samples_doc(out, "gsm8k", 1)["question"] == lb.load_split("gsm8k", "test")[2]["question"]
@@ -228,7 +229,7 @@ def test_cli_scores_a_model_with_no_network(tiny_base_model_dir, tmp_path):
     assert board["tasks"]["gsm8k"] == {"shots": 5, "scored": 2, "split_docs": 1319, "contaminated": 1}
     metrics = ours["stages"]["model"]
     for key in ("arc_challenge/acc_norm", "hellaswag/acc_norm", "winogrande/acc", "gsm8k/exact_match,strict-match"):
-        assert 0.0 <= metrics[key] <= 1.0 and key.replace("/", "/").split(",")[0] in "".join(metrics)
+        assert 0.0 <= metrics[key] <= 1.0
     assert "arc_challenge/acc_norm_stderr" in metrics and "gsm8k/exact_match_stderr,strict-match" in metrics
     md = (out / "results.md").read_text()
     assert "| stage | Avg (4 of 6; without MMLU, TruthfulQA) | ARC (3-shot) | HellaSwag (10-shot)" in md
@@ -239,4 +240,5 @@ def test_cli_scores_a_model_with_no_network(tiny_base_model_dir, tmp_path):
 
 
 def samples_doc(out: Path, task: str, i: int) -> dict:
-    return [json.loads(line) for line in (out / "samples" / f"{task}.jsonl").read_text().splitlines()][i]["doc"]
+    lines = [json.loads(line) for line in (out / "samples" / f"{task}.jsonl").read_text().splitlines()]
+    return next(s["doc"] for s in lines if s["doc_id"] == i)
