@@ -135,3 +135,9 @@ def tiny_base_model_build(tmp_path_factory, tiny_demo_config, tiny_tokenizer_dir
 @pytest.fixture(scope="session")
 def tiny_base_model_dir(tiny_base_model_build) -> Path:
     return tiny_base_model_build[0]
+
+
+@pytest.fixture(autouse=True)
+def _private_machine_cache(tmp_path_factory, monkeypatch):
+    """Tests never read or fill the user's ~/.cache/dus-pipeline demo bases (pipeline.models.demo)."""
+    monkeypatch.setenv("DUS_MACHINE_CACHE", str(tmp_path_factory.mktemp("machine_cache")))

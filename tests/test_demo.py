@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import DemoModelConfig
+from pipeline.fsutil import hash_path
 from pipeline.models import demo
 from pipeline.errors import ConfigError
 
@@ -337,3 +339,82 @@ def test_bad_heldout_fraction_and_vocab(tiny_demo_config, tmp_path):
         demo.ensure_demo_base(tiny_demo_config, tmp_path, heldout_fraction=1.0)
     with pytest.raises(ConfigError, match="vocab_size"):
         demo.train_demo_tokenizer(["some text"], 100, tmp_path / "tok")
+
+
+# ------------------------------------------------------------------------------ machine cache, shipped base
+
+
+def test_second_checkout_reuses_the_machine_cache(tiny_demo_config, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(tiny_demo_config, train_steps=2, seed=3)
+    first = demo.ensure_demo_base(cfg, tmp_path / "clone1" / ".cache", heldout_fraction=0.05, progress=False)
+    shared = demo.machine_cache_dir() / "demo_base" / first.name
+    assert (shared / "model.safetensors").is_file()
+
+    def no_build(*a, **k):
+        raise AssertionError("rebuilt a demo base the machine cache holds")
+
+    monkeypatch.setattr(demo, "build_demo_base", no_build)
+    second = demo.ensure_demo_base(cfg, tmp_path / "clone2" / ".cache", heldout_fraction=0.05, progress=False)
+    assert second == tmp_path / "clone2" / ".cache" / "demo_base" / first.name
+    assert hash_path(second) == hash_path(first)  # same content, so the same stage keys downstream
+
+
+def _default_demo_config() -> DemoModelConfig:
+    """conf/model/demo.yaml's demo section (paths resolved as Hydra does) and the demo's heldout_fraction."""
+    import yaml
+
+    repo = Path(demo.__file__).resolve().parents[2]
+    fields = yaml.safe_load((repo / "conf" / "model" / "demo.yaml").read_text())["demo"]
+    data_dir = str(repo / "data" / "demo")
+    fields["corpus"] = fields["corpus"].replace("${paths.data_dir}", data_dir)
+    fields["tokenizer_files"] = [f.replace("${paths.data_dir}", data_dir) for f in fields["tokenizer_files"]]
+    heldout = yaml.safe_load((repo / "conf" / "data" / "demo.yaml").read_text())["heldout_fraction"]
+    return DemoModelConfig(**fields), heldout
+
+
+def test_shipped_demo_base_is_what_the_recipe_builds(tmp_path):
+    """The shipped build (assets/demo_base/<key>/) has the key of today's recipe and data, the
+    tokenizer the recipe trains, the recipe's first 20 training steps (losses within 2e-3; the
+    full 1,000 steps take 9-22 min: see demo.SHIPPED_DIR for the rebuild), and its recorded
+    held-out perplexity is the shipped model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, heldout = _default_demo_config()
+    key = demo.demo_base_key(cfg, heldout_fraction=heldout)[:16]
+    shipped = demo.SHIPPED_DIR / key
+    assert (shipped / "model.safetensors").is_file(), (
+        f"no shipped demo base for key {key}: the recipe or its data changed; rebuild it "
+        "(see pipeline.models.demo.SHIPPED_DIR) and commit assets/demo_base/<new key>/")
+    metrics = json.loads((shipped / demo.BUILD_METRICS_FILE).read_text())
+    log_rows = json.loads((shipped / demo.TRAIN_LOG_FILE).read_text())
+    assert metrics["train_steps"] == cfg.train_steps == len(log_rows)
+
+    tok = demo.train_demo_tokenizer(demo.tokenizer_training_texts(cfg, heldout), cfg.vocab_size, tmp_path / "tok",
+                                    model_max_length=cfg.max_position_embeddings)
+    assert tok.get_vocab() == demo.load_demo_tokenizer(shipped).get_vocab()
+
+    split = demo.load_demo_corpus(cfg, heldout)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    _, rows, _ = demo.pretrain(cfg, tok, demo.pack_records(tok, split.train), progress=False, stop_after=20)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    for mine, theirs in zip(rows, log_rows[:20]):
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=2e-3), (mine, theirs)
+        assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-6)
+
+    model = AutoModelForCausalLM.from_pretrained(shipped, dtype=torch.float32)
+    ppl = demo.heldout_perplexity(model, tok, split.heldout, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    assert ppl["perplexity"] == pytest.approx(metrics["heldout_ppl"], rel=1e-4)
+
+
+def test_shipped_base_is_used_without_building(tmp_path, monkeypatch):
+    cfg, heldout = _default_demo_config()
+
+    def no_build(*a, **k):
+        raise AssertionError("built the demo base although it is shipped")
+
+    monkeypatch.setattr(demo, "build_demo_base", no_build)
+    path = demo.ensure_demo_base(cfg, tmp_path, heldout_fraction=heldout, progress=False)
+    key = path.name
+    assert hash_path(path) == hash_path(demo.SHIPPED_DIR / key)
+    assert (demo.machine_cache_dir() / "demo_base" / key / "model.safetensors").is_file()

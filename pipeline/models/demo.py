@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -52,7 +53,7 @@ from pipeline.data import (
 )
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.evaluation.metrics import heldout_perplexity
-from pipeline.fsutil import atomic_output_dir, atomic_write_json, file_lock, hash_path, hash_text
+from pipeline.fsutil import atomic_output_dir, atomic_write_json, file_lock, hash_path, hash_text, link_or_copy_tree
 from pipeline.log import progress as progress_display
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,22 @@ CHAT_TEMPLATE = (
 BUILD_METRICS_FILE = "build_metrics.json"
 DEMO_BUILD_FILE = "demo_build.json"
 TRAIN_LOG_FILE = "train_log.json"
+
+# Demo bases built by this recipe and shipped with the repository, one directory per key (the
+# build takes 9-22 minutes on 2 shared cores; the cpt/sft/eval of the demo under 10). A shipped
+# build is used when its key is the one asked for; tests/test_demo.py checks that the recipe still
+# produces it (its key, its tokenizer, its first training steps, its held-out perplexity). After a
+# change to the recipe or its data, rebuild and ship it: ``DUS_MACHINE_CACHE=$(mktemp -d) python -m
+# pipeline stage=base paths.cache_dir=/tmp/demo-build paths.output_root=/tmp/demo-build/out``, then
+# ``git rm -r assets/demo_base/<old key>`` and copy ``/tmp/demo-build/demo_base/<new key>`` there.
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo_base"
+# Every checkout on a machine shares one copy of each demo base (as llama.cpp's build is shared).
+MACHINE_CACHE_ENV = "DUS_MACHINE_CACHE"
+
+
+def machine_cache_dir() -> Path:
+    """``$DUS_MACHINE_CACHE`` or ``~/.cache/dus-pipeline``: shared by every checkout of this user."""
+    return Path(os.environ.get(MACHINE_CACHE_ENV) or Path.home() / ".cache" / "dus-pipeline")
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,9 +347,11 @@ def build_demo_base(
     return metrics
 
 
-def pretrain(cfg: DemoModelConfig, tokenizer, train_stream, *, progress: bool):
+def pretrain(cfg: DemoModelConfig, tokenizer, train_stream, *, progress: bool, stop_after: int | None = None):
     """Pretrain a fresh tiny Mistral on ``seq_len`` blocks of the train stream (each epoch a new
-    random phase and order). Returns (model, per-step log rows, training seconds)."""
+    random phase and order). Returns (model, per-step log rows, training seconds).
+    ``stop_after``: stop after that many of the ``train_steps`` steps (same schedule; the check
+    that a shipped build's first steps are still what the recipe does)."""
     import torch
     from transformers import MistralForCausalLM, get_cosine_schedule_with_warmup
 
@@ -354,7 +373,7 @@ def pretrain(cfg: DemoModelConfig, tokenizer, train_stream, *, progress: bool):
     bar = progress_display(total=cfg.train_steps, desc="demo base: pretraining", unit="step", disable=not progress,
                dynamic_ncols=True)
     ema = None
-    for step in range(1, cfg.train_steps + 1):
+    for step in range(1, min(cfg.train_steps, stop_after or cfg.train_steps) + 1):
         batch = next(batches)
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
@@ -493,13 +512,36 @@ def ensure_demo_base(
     final = root / key
     if _is_complete(final):
         return final
+    machine = machine_cache_dir() / "demo_base" / key
     with file_lock(root / f".{key}.lock"):
         if _is_complete(final):  # built by another process while we waited
             return final
+        for found in (machine, SHIPPED_DIR / key):
+            if _is_complete(found) and found.resolve() != final.resolve():
+                log.info("demo base %s: copying %s", key, found)
+                with atomic_output_dir(final, overwrite=final.exists()) as tmp:
+                    link_or_copy_tree(found, tmp)
+                _share(final, machine)
+                return final
         log.info("building the demo base model into %s", final)
         build_demo_base(cfg, final, heldout_fraction=heldout_fraction, progress=progress, records=records,
                         overwrite=final.exists())
+        _share(final, machine)
     return final
+
+
+def _share(built: Path, machine: Path) -> None:
+    """Put a demo base into the machine cache for the next checkout; a read-only home only costs a rebuild."""
+    if _is_complete(machine) or machine.resolve() == built.resolve():
+        return
+    try:
+        machine.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(machine.parent / f".{machine.name}.lock"):
+            if not _is_complete(machine):
+                with atomic_output_dir(machine, overwrite=machine.exists()) as tmp:
+                    link_or_copy_tree(built, tmp)
+    except OSError as e:
+        log.warning("could not share the demo base in %s (%s): the next checkout builds it again", machine, e)
 
 
 def _is_complete(path: Path) -> bool:
