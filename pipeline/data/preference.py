@@ -11,9 +11,8 @@ or pin one of ``DPO_FORMATS``):
   used), or, when ``prompt`` is itself a list of messages, TRL's explicit-prompt form where
   ``chosen``/``rejected`` hold only the reply.
 
-Every row becomes TRL's conversational preference example (what ``trl.DPOTrainer`` 1.16
-tokenizes with the chat template: ``prompt`` with ``add_generation_prompt=True``, then
-``prompt + chosen`` and ``prompt + rejected``)::
+Every row becomes TRL's conversational preference example (a ``PreferencePair``: a dict that also
+remembers its file and row), tokenized by ``tokenize_pair`` below::
 
     {"prompt": [{"role": "user", "content": ...}, ...],
      "chosen": [{"role": "assistant", "content": ...}],

@@ -17,6 +17,9 @@ What TRL 1.16 offers and how this module maps the pipeline's settings onto it (r
   ``precompute_ref_log_probs=True`` scores every pair with the initial policy before the first
   step and keeps no reference model. Here a full fine-tune gets its reference loaded explicitly
   with the same safetensors-only loader as the policy.
+* TRL renders every pair with the chat template itself; here pairs are tokenized by
+  ``pipeline.data.preference.tokenize_pair`` (sft's encoder: mistral-common for Mistral; a pair whose
+  prompt ids are not a prefix of prompt + reply refused) and a ``DPOTrainer`` subclass takes the ids.
 * ``DPOConfig`` defaults to ``bf16=True`` and gradient checkpointing, like ``SFTConfig``: callers
   pass both explicitly (``bf16=False`` on CPU).
 """
