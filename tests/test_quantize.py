@@ -122,7 +122,11 @@ def test_ladder_reports_and_no_leftovers(ladder_result):
     on_disk = json.loads((out / "ladder.json").read_text())
     assert on_disk["complete"] and [r["label"] for r in on_disk["rungs"]] == LADDER
     md = (out / "ladder.md").read_text()
-    assert "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | wall s |" in md and "| Q4_K_M |" in md
+    assert "| rung | size MB | bpw | ppl | KLD | KLD p99 | top-1 | tensor types | wall s |" in md and "| Q4_K_M |" in md
+    # Each rung says what its file really holds (read back from the GGUF), shares summing to 1.
+    for rung in on_disk["rungs"]:
+        assert abs(sum(rung["tensor_types"].values()) - 1) < 1e-9 and len(rung["sha256"]) == 64
+        assert rung["tensor_types_text"] in md
     assert (out / "ladder.png").stat().st_size > 1000
     # llama.cpp's per-tensor quantize output went to the rung's log, not the console.
     assert "llama_model_quantize" in (out / "logs" / "quantize-Q8_0.log").read_text(errors="replace")
