@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup llama-cpp upscale-train smollm2 quantize test test-fast preflight clean
+.PHONY: setup llama-cpp upscale-train smollm2 growth-study quantize test test-fast preflight clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,27 @@ preflight: $(STAMP)
 smollm2: $(STAMP)
 	$(PY) -m pipeline experiment=smollm2_dus $(ARGS)
 	$(PY) -m pipeline experiment=smollm2_control $(ARGS)
+
+# The growth study (docs/growth-study.md): one Hydra multirun over growth operators and the
+# same-token control (cpt then sft each), its report in outputs/growth-study/ (STUDY=demo: the tiny
+# demo in minutes, outputs/growth-study-demo/). A cluster: make growth-study ARGS=hydra/launcher=slurm
+STUDY ?= smollm2
+ifeq ($(STUDY),demo)
+STUDY_TOKENS ?= 8192
+STUDY_EVAL_TOKENS ?= 2048
+OPERATORS ?= solar,llama_pro,control
+else
+STUDY_TOKENS ?= 200000
+STUDY_EVAL_TOKENS ?= 25000
+OPERATORS ?= solar,auto,llama_pro,llama_pro_new_only,control
+endif
+# Both growth_study_* experiments train 4 blocks x 256 tokens x 1 process = 1,024 tokens per step.
+STUDY_TOKENS_PER_STEP := 1024
+growth-study: $(STAMP)
+	$(PY) -m pipeline -m experiment=growth_study_$(STUDY) \
+	  growth=$$(echo $(OPERATORS) | sed 's|[^,]*|$(STUDY)/&|g') \
+	  cpt.max_steps=$$(( ($(STUDY_TOKENS) + $(STUDY_TOKENS_PER_STEP) - 1) / $(STUDY_TOKENS_PER_STEP) )) \
+	  cpt.eval_every_tokens=$(STUDY_EVAL_TOKENS) $(ARGS)
 
 # The demo run, then its GGUF ladder (each rung's size, bpw, perplexity and KL divergence).
 quantize: $(LLAMA_CPP_STAMP)
