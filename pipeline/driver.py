@@ -25,6 +25,7 @@ from pipeline.log import log
 from pipeline.manifest import (
     Manifest,
     latest_model_stage,
+    model_chain,
     new_manifest,
     read_manifest,
     resolve_model_dir,
@@ -72,6 +73,9 @@ def run_stage(stage: Stage, cfg: PipelineConfig) -> Manifest:
         return new_manifest(stage=stage.name, key="", inputs=[], config={}, metrics=out.metrics,
                             started_at=started, model_dir=out.model_dir)
     inputs = stage.inputs(cfg)
+    handed_on = [i.stage for i in inputs if i.role == "model" and i.stage]
+    if handed_on:  # which models of this run's chain the stage reads (a stage turned off is not among them)
+        log(f"{stage.name}: model(s) of {', '.join(handed_on)} (chain: {', '.join(model_chain(cfg))})")
     config = stage.key_config(cfg)
     key = stage_key(stage.name, config, inputs)
     final = stage_dir(cfg.paths.run_dir, stage.name)
@@ -93,7 +97,7 @@ def report_end(cfg: PipelineConfig, results: dict) -> None:
             print("\n" + table.read_text(), flush=True)
         log(f"plots: {Path(results['eval_dir']) / 'training.png'}, {Path(results['eval_dir']) / 'tasks.png'}")
     try:
-        stage, manifest = latest_model_stage(cfg.paths.run_dir, "eval")
+        stage, manifest = latest_model_stage(cfg.paths.run_dir, "eval", model_chain(cfg))
         log(f"final model: {resolve_model_dir(cfg.paths.run_dir, stage, manifest)}")
     except ConfigError:
         pass

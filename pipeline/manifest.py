@@ -16,9 +16,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from pipeline.config import REPO_ROOT, STAGES
+from pipeline.config import REPO_ROOT, STAGES, TRAINING_STAGES, CPTConfig, DPOConfig, SFTConfig
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_json, hash_path, hash_text
 
@@ -184,13 +184,32 @@ def resolve_model_dir(run_dir: Path | str, stage: str, manifest: Manifest) -> st
     return model_dir
 
 
-def latest_model_stage(run_dir: Path | str, before: str) -> tuple[str, Manifest]:
-    """The most recent completed stage before ``before`` that produced a model (for handing on)."""
+def model_chain(cfg: Any) -> tuple[str, ...]:
+    """The model-producing stages of this run, in order: base, merge, and each training stage
+    (cpt, sft, dpo) whose ``enabled`` is true. ``cfg`` is a ``PipelineConfig`` or the run's resolved
+    config as a dict (``<run_dir>/config.yaml``). A stage turned off is not in the chain even when
+    its directory is still on disk from an earlier run: nothing is handed on from it, evaluated or
+    released."""
+    def enabled(stage: str) -> bool:
+        section = cfg.get(stage) if isinstance(cfg, dict) else getattr(cfg, stage, None)
+        value = section.get("enabled") if isinstance(section, dict) else getattr(section, "enabled", None)
+        if value is None:  # not said: the schema's default
+            value = {"cpt": CPTConfig, "sft": SFTConfig, "dpo": DPOConfig}[stage].enabled
+        return bool(value)
+
+    return tuple(s for s in STAGES[: STAGES.index("eval")] if s not in TRAINING_STAGES or enabled(s))
+
+
+def latest_model_stage(run_dir: Path | str, before: str, chain: Sequence[str]) -> tuple[str, Manifest]:
+    """The most recent completed stage of ``chain`` (``model_chain``) before ``before`` that produced
+    a model (for handing on)."""
     for stage in reversed(STAGES[: STAGES.index(before)]):
+        if stage not in chain:
+            continue
         manifest = read_manifest(stage_dir(run_dir, stage))
         if manifest is not None and manifest.model_dir:
             return stage, manifest
     raise ConfigError(
-        str(run_dir), f"no completed stage before '{before}' produced a model",
+        str(run_dir), f"no completed stage of this run's chain ({', '.join(chain)}) before '{before}' produced a model",
         "run the earlier stages first (stage=all)",
     )

@@ -393,3 +393,23 @@ def test_a_ladder_of_an_older_model_is_not_published(run_dir, tmp_path):
     atomic_write_json(stage_dir(run, "quantize") / "manifest.json", m)
     out = build_release(run)
     assert "Quantized versions" not in (out / "README.md").read_text() and not (run / "release-gguf").exists()
+
+
+def test_a_gguf_release_of_an_older_model_is_removed_and_never_pushed(run_dir, tmp_path, monkeypatch, capsys):
+    """Issue 18 item 2: ladder, release (release-gguf/ written), then a stage re-run makes the ladder
+    another model's: the next release removes release-gguf/ and pushes no <repo>-GGUF."""
+    from pipeline.release import run_release
+
+    run = _clone(run_dir, tmp_path / "run")
+    _add_quantize_stage(run)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    kwargs = dict(push_to_hub=True, repo_id="me/tiny-dus", private=True, dry_run=True, token_env="HF_TOKEN")
+    run_release(run_dir=run, **kwargs)
+    assert (run / "release-gguf" / "tiny-Q8_0.gguf").is_file() and "me/tiny-dus-GGUF" in capsys.readouterr().out
+    m = read_manifest(stage_dir(run, "quantize")).to_dict()
+    m["inputs"][0]["sha256"] = "another-sft"  # sft re-run since the ladder was made
+    atomic_write_json(stage_dir(run, "quantize") / "manifest.json", m)
+    run_release(run_dir=run, **kwargs)
+    printed = capsys.readouterr().out
+    assert "me/tiny-dus-GGUF" not in printed and ".gguf" not in printed
+    assert not (run / "release-gguf").exists()

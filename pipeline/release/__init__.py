@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.release.card import gguf_repo_id
-from pipeline.release.package import build_release
+from pipeline.release.package import build_release_dirs
 from pipeline.release.push import check_push_settings, push_release
-from pipeline.release.record import GGUF_RELEASE_DIR_NAME
 
 
 def run_release(*, run_dir: Path, push_to_hub: bool, repo_id: Optional[str], private: bool, dry_run: bool,
@@ -23,10 +22,9 @@ def run_release(*, run_dir: Path, push_to_hub: bool, repo_id: Optional[str], pri
     """Build ``<run_dir>/release``, then push it when ``push_to_hub``."""
     if push_to_hub:
         check_push_settings(repo_id=repo_id, dry_run=dry_run, token_env=token_env)
-    out = build_release(Path(run_dir), repo_id=repo_id)
+    out, gguf = build_release_dirs(Path(run_dir), repo_id=repo_id)
     if push_to_hub:
         push_release(out, repo_id=repo_id, private=private, dry_run=dry_run, token_env=token_env)
-        gguf = Path(run_dir) / GGUF_RELEASE_DIR_NAME
-        if gguf.is_dir():  # the quant ladder, as its own repository (the common layout for GGUF files)
+        if gguf is not None:  # the quant ladder this build wrote, as its own repository (the common GGUF layout)
             push_release(gguf, repo_id=gguf_repo_id(repo_id), private=private, dry_run=dry_run, token_env=token_env)
     return out

@@ -132,6 +132,15 @@ def build_release(run_dir: Path | str, out_dir: Path | str | None = None, *, rep
     Written atomically (complete or not at all; an older release there is replaced). Loads with
     ``AutoModelForCausalLM.from_pretrained``; holds no manifest, logs or pickle.
     """
+    return build_release_dirs(run_dir, out_dir, repo_id=repo_id)[0]
+
+
+def build_release_dirs(run_dir: Path | str, out_dir: Path | str | None = None, *,
+                       repo_id: Optional[str] = None) -> tuple[Path, Optional[Path]]:
+    """``build_release``, and (into the run directory only) ``<run_dir>/release-gguf/`` when the
+    quant ladder was made from the released model. Returns (release dir, GGUF release dir this call
+    wrote or None). A ``release-gguf/`` left by an earlier build is removed when this build has no
+    ladder of its model: it would be taken for the current model's files."""
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.run_dir / RELEASE_DIR_NAME
     _check_out_dir(run, out, replacing=True)
@@ -142,14 +151,21 @@ def build_release(run_dir: Path | str, out_dir: Path | str | None = None, *, rep
         skipped = link_model_files(src, tmp)
         check_model_files(tmp)
         write_release_docs(run, tmp, card)
-    if run.ladder and out_dir is None:
-        build_gguf_release(run, run.run_dir / GGUF_RELEASE_DIR_NAME, repo_id=repo_id)
+    gguf_out = None
+    if out_dir is None:
+        stale = run.run_dir / GGUF_RELEASE_DIR_NAME
+        if run.ladder:
+            gguf_out = build_gguf_release(run, stale, repo_id=repo_id)
+        elif stale.exists():
+            shutil.rmtree(stale)
+            log(f"removed {stale}: its GGUF files are not of the released {run.final_stage} model "
+                "(no quant ladder of this model; run the quantize stage to make one)", where="release")
     left_out = sorted({rel.split("/", 1)[0] + ("/" if "/" in rel else "") for rel, why in skipped if why != "regenerated"})
     if left_out:
         log(f"left out of the release: {', '.join(left_out)}", where="release")
     log(f"{out} (the {run.final_stage} model, model card, mergekit config"
         + (", results" if run.results else "") + ")", where="release")
-    return out
+    return out, gguf_out
 
 
 def build_gguf_release(run: RunRecord, out: Path, *, repo_id: Optional[str] = None) -> Path:

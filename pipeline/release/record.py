@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import STAGES
 from pipeline.errors import ConfigError
-from pipeline.manifest import Manifest, read_manifest, resolve_model_dir, stage_dir
+from pipeline.manifest import Manifest, model_chain, read_manifest, resolve_model_dir, stage_dir
 
 RELEASE_DIR_NAME = "release"
 CARD_NAME = "README.md"
@@ -88,8 +88,13 @@ def load_run(run_dir: Path | str) -> RunRecord:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(str(run_dir), "is not a directory", "give the run directory (e.g. outputs/demo)")
+    cfg = _run_config(run_dir)
+    # Only this run's chain (model_chain of its config.yaml): the directory of a stage since turned
+    # off is neither described nor released. Without a config.yaml every completed stage counts.
+    chain = model_chain(cfg) if cfg else STAGES
     # As JSON: the card renders what was recorded, field by field.
-    manifests = {s: m.to_dict() for s in STAGES if (m := read_manifest(stage_dir(run_dir, s))) is not None}
+    manifests = {s: m.to_dict() for s in STAGES if (s in chain or s not in MODEL_STAGES)
+                 and (m := read_manifest(stage_dir(run_dir, s))) is not None}
     if "merge" not in manifests:
         raise ConfigError(str(stage_dir(run_dir, "merge")), "no completed merge stage in this run directory: nothing to release",
                           "run the pipeline first (`python -m pipeline`, stage=all)")
@@ -118,7 +123,6 @@ def load_run(run_dir: Path | str) -> RunRecord:
         eval_dir = stage_dir(run_dir, "eval")
         results = _read_results(eval_dir, manifests["eval"])
         plots = [name for name, _ in PLOTS if (eval_dir / name).is_file()]
-    cfg = _run_config(run_dir)
     release_cfg = cfg.get("release") if isinstance(cfg.get("release"), dict) else {}
     return RunRecord(run_dir=run_dir, manifests=manifests, final_stage=final_stage, merge_yaml=yml.read_text(),
                      results=results, plots=plots, release_cfg=release_cfg,

@@ -24,16 +24,20 @@ from pipeline.evaluation.metrics import evaluate_model
 from pipeline.evaluation.plots import plot_tasks, plot_training, read_log_history
 from pipeline.evaluation.results import write_results
 from pipeline.log import log
-from pipeline.manifest import Manifest, StageInput, read_manifest, resolve_model_dir, stage_dir
+from pipeline.manifest import Manifest, StageInput, model_chain, read_manifest, resolve_model_dir, stage_dir
 from pipeline.stages.dpo import preference_results
 from pipeline.stages.sft import check_sft_files
 from pipeline.stages.stage import BaseStage, StageOutput, data_for_key, section_for_key
 
 
 def stage_models(cfg: PipelineConfig) -> dict[str, tuple[str, Manifest]]:
-    """{stage: (model dir, manifest)} for the stages to evaluate that have completed."""
+    """{stage: (model dir, manifest)} for the stages to evaluate that have completed and are in this
+    run's chain (``model_chain``: a stage turned off is not evaluated, even with its old directory on disk)."""
     out = {}
+    chain = model_chain(cfg)
     for stage in cfg.eval.stages:
+        if stage not in chain:
+            continue
         manifest = read_manifest(stage_dir(cfg.paths.run_dir, stage))
         if manifest is not None and manifest.model_dir:
             out[stage] = (resolve_model_dir(cfg.paths.run_dir, stage, manifest), manifest)

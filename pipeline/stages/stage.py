@@ -25,7 +25,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.fsutil import hash_path
-from pipeline.manifest import StageInput, latest_model_stage, resolve_model_dir
+from pipeline.manifest import StageInput, latest_model_stage, model_chain, resolve_model_dir
 from pipeline.training.launch import launch_training
 
 
@@ -107,7 +107,7 @@ class TrainerSetup:
 
 def previous_model(cfg: PipelineConfig, stage: str) -> tuple[str, Any, str]:
     """(previous stage, its manifest, its model dir): a stage's input model, read from manifests."""
-    prev, manifest = latest_model_stage(cfg.paths.run_dir, stage)
+    prev, manifest = latest_model_stage(cfg.paths.run_dir, stage, model_chain(cfg))
     return prev, manifest, resolve_model_dir(cfg.paths.run_dir, prev, manifest)
 
 
