@@ -79,11 +79,28 @@ growth-study: $(STAMP)
 quantize: $(LLAMA_CPP_STAMP)
 	$(PY) -m pipeline quantize=gguf $(ARGS)
 
-test: $(STAMP) $(LLAMA_CPP_STAMP)
+test: $(STAMP) $(LLAMA_CPP_STAMP) cluster-install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The local rehearsal SLURM cluster (docs/slurm.md): controller + nodes n1, n2 on this host, state in
+# .cluster/. cluster-install: apt-get install slurm-wlm munge when missing (as root; `make test`
+# runs it, and fails in CI when it cannot). cluster-demo: the pipeline as one 2-node job, preempted
+# mid-cpt, requeued and resumed, then the same run uninterrupted -> outputs/cluster-demo/cluster_report.json.
+.PHONY: cluster-install cluster-up cluster-down cluster-demo
+cluster-install:
+	bash scripts/slurm/cluster.sh install
+
+cluster-up: cluster-install
+	bash scripts/slurm/cluster.sh up
+
+cluster-down:
+	bash scripts/slurm/cluster.sh down
+
+cluster-demo: $(STAMP)
+	$(PY) scripts/slurm/cluster_demo.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .cache
