@@ -101,11 +101,16 @@ def slurm_distributed(dist: DistributedConfig, env: Mapping[str, str] | None = N
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
     main_ip = dist.main_process_ip or first_host(nodelist)
     per_node = max(1, dist.num_processes // max(1, dist.num_machines))
-    # Every node must agree on the port without talking: derive it from the job id when unset.
-    port = dist.main_process_port or 20000 + int(env["SLURM_JOB_ID"]) % 20000
+    # Every node must agree on the port without talking: derive it from the job id when unset, and
+    # from the restart count: a requeued job keeps its id, and the last run's port may still be bound.
+    restart = int(env.get("SLURM_RESTART_COUNT") or 0)  # unset on the first run
+    port = dist.main_process_port or 20000 + (int(env["SLURM_JOB_ID"]) + 997 * restart) % 20000
     new = replace(dist, num_machines=nnodes, machine_rank=node_id, main_process_ip=main_ip,
                   num_processes=per_node * nnodes, main_process_port=port)
-    msg = (f"SLURM job {env['SLURM_JOB_ID']} on {nnodes} nodes ({nodelist}): num_machines={nnodes}, "
+    # The node by SLURM's name for it (several slurmd may share one host, so not `hostname`).
+    node = env.get("SLURMD_NODENAME", "?")
+    msg = (f"SLURM job {env['SLURM_JOB_ID']} restart {restart} on {nnodes} nodes ({nodelist}): node {node}, "
+           f"num_machines={nnodes}, "
            f"machine_rank={node_id}, main_process_ip={main_ip}, main_process_port={port}, "
            f"num_processes={new.num_processes} ({per_node} per node) - from SLURM_NNODES, SLURM_NODEID, "
            f"SLURM_JOB_NODELIST")
