@@ -169,6 +169,9 @@ class ResumePlan:
     gradient_accumulation_steps: int
     load_universal: bool = False
     note: str = ""
+    # The checkpoint was saved at the stage's last step: nothing is left to train, the export is
+    # copied from it (the Trainer would otherwise train one step past max_steps when resumed there).
+    at_last_step: bool = False
 
     def metrics(self) -> dict:
         return asdict(self)
@@ -186,6 +189,11 @@ def plan_resume(checkpoint_dir: Path, *, stage: str, world_size: int, deepspeed:
         return ResumePlan(None, "fresh start", None, world_size, gradient_accumulation_steps)
     step, path, info = complete[-1]
     old_world = int(info["world_size"])
+    last = last_step_of(path)
+    if last is not None and step >= last:
+        log(f"[{stage}] {path} was saved at the last step ({step} of {last}): exporting it without training")
+        return ResumePlan(str(path), "checkpoint at the last step (exported, not trained)", old_world, world_size,
+                          gradient_accumulation_steps, at_last_step=True)
     if old_world == world_size:
         plan = ResumePlan(str(path), "same world size", old_world, world_size, gradient_accumulation_steps)
         log(f"[{stage}] resuming from {path} (step {step}, written by {old_world} process(es), same as this run)")
@@ -213,6 +221,16 @@ def plan_resume(checkpoint_dir: Path, *, stage: str, world_size: int, deepspeed:
     barrier()
     return ResumePlan(str(path), "universal checkpoint (world size changed)", old_world, world_size, accum,
                       load_universal=True, note=note)
+
+
+def last_step_of(checkpoint: Path) -> int | None:
+    """The step the run that wrote ``checkpoint`` was to end at (the Trainer's ``max_steps`` in its
+    trainer_state.json), or None when it is not recorded."""
+    try:
+        max_steps = int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("max_steps") or 0)
+    except (FileNotFoundError, json.JSONDecodeError, ValueError):
+        return None
+    return max_steps if max_steps > 0 else None
 
 
 def to_universal(checkpoint: Path, *, log: Callable[[str], None]) -> Path:

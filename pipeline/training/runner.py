@@ -51,7 +51,7 @@ from pipeline.training.resume import (
     plan_resume,
     resume_key,
 )
-from pipeline.training.verify import fixed_batch_loss, verify_in_fresh_process
+from pipeline.training.verify import fixed_batch_loss, loss_in_fresh_process, verify_in_fresh_process
 
 
 class TrainerSetupLike(Protocol):
@@ -235,6 +235,49 @@ def export_and_verify(ctx: RankContext, setup: TrainerSetupLike, out_dir: Path, 
     return verification
 
 
+# The model files of a checkpoint (what Trainer.save_model wrote into it), as opposed to its resume state.
+_CHECKPOINT_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "adapter_config.json")
+
+
+def export_from_checkpoint(ctx: RankContext, setup: TrainerSetupLike, out_dir: Path, tokenizer) -> Optional[dict]:
+    """The export when the plan's checkpoint was saved at the last step: its model files (written by
+    the same ``Trainer.save_model`` as an export) copied into ``out_dir``, then the copy reloaded in a
+    fresh process must give the checkpoint's own fixed-batch loss (rank 0's result; None elsewhere)."""
+    import shutil
+    import tempfile
+
+    checkpoint = Path(ctx.plan.checkpoint)
+    target = out_dir / "adapter" if setup.saves_adapter else out_dir
+    model_files = [f for f in sorted(checkpoint.iterdir()) if f.is_file()
+                   and (f.suffix == ".safetensors" or f.name in _CHECKPOINT_MODEL_FILES)]
+    if ctx.is_main:
+        target.mkdir(parents=True, exist_ok=True)
+        with disk_full_guard(target):
+            for f in model_files:
+                shutil.copy2(f, target / f.name)
+    ctx.state.wait_for_everyone()
+    if not ctx.is_main:
+        return None
+    batch_file = out_dir / "logs" / "fixed_batch.json"
+    batch_file.parent.mkdir(parents=True, exist_ok=True)
+    batch_file.write_text(json.dumps(setup.fixed_batch))
+    bf16 = weights_dtype(ctx.bf16) == torch.bfloat16
+    merge_onto = ctx.input_model if setup.saves_adapter else None
+    if setup.saves_adapter:  # the checkpoint's adapter merged in a scratch copy (the merge rewrites its directory)
+        with tempfile.TemporaryDirectory(dir=out_dir / "logs") as scratch:
+            shutil.copytree(target, Path(scratch) / "adapter")
+            expected = loss_in_fresh_process(Path(scratch), batch_file, bf16=bf16, attn=ctx.attn, merge_adapter_onto=merge_onto)
+        tokenizer.save_pretrained(out_dir)
+    else:
+        expected = loss_in_fresh_process(checkpoint, batch_file, bf16=bf16, attn=ctx.attn)
+    verification = verify_in_fresh_process(out_dir, batch_file, expected_loss=expected, bf16=bf16, attn=ctx.attn,
+                                           merge_adapter_onto=merge_onto)
+    verification["exported_from_checkpoint"] = str(checkpoint)
+    finalize_model_files(out_dir, tokenizer)
+    carry_tokenizer_source_files(input_dir=ctx.input_model, model_dir=out_dir)
+    return verification
+
+
 def run_training_on_rank(stage, cfg: PipelineConfig, *, out_dir: Path) -> Optional[dict]:
     """Train ``stage`` on this rank into ``out_dir`` (created by the caller, shared by all ranks).
     Returns the stage's metrics on rank 0 (also written to ``out_dir/TRAINING_METRICS``), else None."""
@@ -248,17 +291,26 @@ def run_training_on_rank(stage, cfg: PipelineConfig, *, out_dir: Path) -> Option
         setup = stage.build_trainer(ctx.cfg, tokenizer=tokenizer, input_model=ctx.input_model,
                                     checkpoint_dir=ctx.checkpoint_dir, ds_config=ctx.ds_config, bf16=ctx.bf16, attn=ctx.attn)
     consumed, preemption, sizes = add_callbacks(ctx, setup)
-    result = train(ctx, setup, preemption)
+    if ctx.plan.at_last_step:  # nothing left to train: the checkpoint is the trained model
+        state = json.loads((Path(ctx.plan.checkpoint) / "trainer_state.json").read_text())
+        train_metrics, global_step, log_history = {}, int(state["global_step"]), state.get("log_history", [])
+    else:
+        result = train(ctx, setup, preemption)
+        train_metrics, global_step = result.metrics, setup.trainer.state.global_step
+        log_history = setup.trainer.state.log_history
     tokens = consumed.totals()  # every rank: a collective
     write_rank_record(out_dir / "logs", stage=stage.name, served=setup.collator.served, world_size=ctx.world,
                       rank=ctx.state.process_index)
-    verification = export_and_verify(ctx, setup, out_dir, tokenizer)
+    if ctx.plan.at_last_step:
+        verification = export_from_checkpoint(ctx, setup, out_dir, tokenizer)
+    else:
+        verification = export_and_verify(ctx, setup, out_dir, tokenizer)
     metrics = None
     if ctx.is_main:
-        write_log_history(out_dir / "logs", setup.trainer.state.log_history)
+        write_log_history(out_dir / "logs", log_history)
         metrics = {
-            **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-            M.GLOBAL_STEP: setup.trainer.state.global_step,
+            **{k: v for k, v in train_metrics.items() if isinstance(v, (int, float))},
+            M.GLOBAL_STEP: global_step,
             M.WORLD_SIZE: ctx.world,
             M.NUM_PARAMETERS: sizes[M.NUM_PARAMETERS],
             M.TRAINABLE_PARAMETERS: sizes[M.TRAINABLE_PARAMETERS],
@@ -271,7 +323,7 @@ def run_training_on_rank(stage, cfg: PipelineConfig, *, out_dir: Path) -> Option
             M.RESUMED_FROM: ctx.plan.checkpoint,
             M.RESUME: ctx.plan.metrics(),
             M.VERIFICATION: verification,
-            M.HELDOUT_CURVE: heldout_curve(setup.trainer.state.log_history),
+            M.HELDOUT_CURVE: heldout_curve(log_history),
             **{f"data_{k}": v for k, v in setup.data_stats.items()},
         }
         atomic_write_json(out_dir / TRAINING_METRICS, metrics)

@@ -93,11 +93,9 @@ def check_fixed_batch_loss(batch: dict[str, list[list[int]]], *, trained_loss: f
             "fp16); the saved files are not a verified export")
 
 
-def verify_in_fresh_process(model_dir: Path, batch_file: Path, *, expected_loss: float, bf16: bool,
-                            attn: str, merge_adapter_onto: str | None = None) -> dict:
-    """Reload the saved model in a new process (no ZeRO state, no shared memory with training)
-    and compare its fixed-batch loss with the trained model's (after ``check_fixed_batch_loss``)."""
-    check_fixed_batch_loss(json.loads(Path(batch_file).read_text()), trained_loss=expected_loss)
+def loss_in_fresh_process(model_dir: Path, batch_file: Path, *, bf16: bool, attn: str,
+                          merge_adapter_onto: str | None = None) -> float:
+    """The fixed-batch loss of the model saved in ``model_dir``, loaded by a new process."""
     cmd = [sys.executable, "-m", "pipeline.training.verify", str(model_dir), str(batch_file),
            "--bf16" if bf16 else "--fp32", "--attn", attn]
     if merge_adapter_onto:
@@ -105,7 +103,15 @@ def verify_in_fresh_process(model_dir: Path, batch_file: Path, *, expected_loss:
     proc = subprocess.run(cmd, env=clean_child_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageFailed(f"verification of {model_dir} failed:\n{proc.stderr[-4000:]}")
-    reloaded = json.loads(proc.stdout.strip().splitlines()[-1])["loss"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["loss"]
+
+
+def verify_in_fresh_process(model_dir: Path, batch_file: Path, *, expected_loss: float, bf16: bool,
+                            attn: str, merge_adapter_onto: str | None = None) -> dict:
+    """Reload the saved model in a new process (no ZeRO state, no shared memory with training)
+    and compare its fixed-batch loss with the trained model's (after ``check_fixed_batch_loss``)."""
+    check_fixed_batch_loss(json.loads(Path(batch_file).read_text()), trained_loss=expected_loss)
+    reloaded = loss_in_fresh_process(model_dir, batch_file, bf16=bf16, attn=attn, merge_adapter_onto=merge_adapter_onto)
     rtol = VERIFY_RTOL["bf16" if bf16 else "fp32"]
     diff = abs(reloaded - expected_loss)
     result = {"trained_fixed_batch_loss": expected_loss, "reloaded_fixed_batch_loss": reloaded,
