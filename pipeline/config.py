@@ -146,8 +146,9 @@ class CPTConfig(TrainConfig):
     # passthrough merge's repeated layers: the second copy of each duplicated source layer).
     trainable_from_merge: Optional[str] = None
     # Held-out loss every this many training tokens (0 = off): the Trainer's own eval steps, rounded to
-    # whole optimizer steps, plus one at the last step; the curve (tokens actually seen at each point)
-    # goes into the cpt metrics as heldout_curve (docs/growth-study.md).
+    # whole optimizer steps, plus one at the last step, on the first held-out blocks (eval.max_heldout_tokens
+    # of them when set); the curve (tokens actually seen at each point) goes into the cpt metrics as
+    # heldout_curve (docs/growth-study.md).
     eval_every_tokens: int = 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -274,24 +275,42 @@ def write_sweep_report(sweep_dir: Path | str) -> tuple[Path, Path, Path]:
     return md, js, plot_curves(points, sweep_dir / PLOT)
 
 
-def _sweep_configs(config) -> list[tuple[str, PipelineConfig]]:
-    """Every job of this multirun composed (configs only) from the sweep's overrides."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.types import RunMode
+def typed_job_config(cfg, output_dir: Path | str) -> PipelineConfig:
+    """A composed job config (its ``hydra`` node included) typed as the job would see it, its
+    ``${hydra:...}`` values resolved against its own Hydra node with ``output_dir`` as the run dir,
+    without running it. The process's HydraConfig is restored afterwards."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
     from pipeline.configio import to_typed
+
+    previous = HydraConfig.instance().cfg
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return to_typed(cfg)
+    finally:
+        HydraConfig.instance().cfg = previous
+
+
+def _sweep_configs(config) -> list[tuple[str, PipelineConfig]]:
+    """Every job of this multirun composed (configs only) from the sweep's overrides."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
 
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     shared = set.intersection(*(set(j) for j in jobs)) if len(jobs) > 1 else set()
     hydra = GlobalHydra.instance().hydra
     out = []
-    for job in jobs:
+    for num, job in enumerate(jobs):
         cfg = hydra.compose_config(config_name=config.hydra.job.config_name, overrides=list(job), run_mode=RunMode.RUN)
-        del cfg["hydra"]
-        out.append((point_label(job, shared), to_typed(cfg)))
+        out.append((point_label(job, shared), typed_job_config(cfg, Path(str(config.hydra.sweep.dir)) / str(num))))
     return out
 
 
@@ -305,7 +324,12 @@ class GrowthStudyCallback(SweepSummaryCallback):
         self.allow_unequal_tokens = allow_unequal_tokens
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
-        planned = check_points(_sweep_configs(config), allow_unequal_tokens=self.allow_unequal_tokens)
+        try:
+            planned = check_points(_sweep_configs(config), allow_unequal_tokens=self.allow_unequal_tokens)
+        except ConfigError as e:
+            # SystemExit, not the error: Hydra turns a callback's Exception into a warning and goes on.
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         log("growth study points: " + ", ".join(f"{k} ({v['layers']} layers, {v['cpt_tokens']} cpt tokens)"
                                                 for k, v in planned.items()))
 

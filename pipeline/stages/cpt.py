@@ -74,7 +74,9 @@ def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
                            * PartialState().num_processes * cfg.cpt.seq_len)
         kwargs.update(eval_strategy="steps", eval_steps=max(1, round(cfg.cpt.eval_every_tokens / tokens_per_step)),
                       per_device_eval_batch_size=cfg.cpt.per_device_train_batch_size)
-        eval_dataset = data.heldout
+        # The same first blocks at every point of the curve, capped like the eval stage's held-out ppl.
+        cap = -(-cfg.eval.max_heldout_tokens // cfg.cpt.seq_len) if cfg.eval.max_heldout_tokens > 0 else len(data.heldout)
+        eval_dataset = data.heldout.select(range(min(cap, len(data.heldout))))
     args = TrainingArguments(**kwargs)
     model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
                            allow_pickle=cfg.model.allow_pickle)
