@@ -1,5 +1,6 @@
 """``python -m pipeline.report RUN_DIR [--out DIR] [--with-model]``: the model card and results of a
-finished run, regenerated from its manifests without running anything.
+finished run, regenerated from its manifests without running anything. ``--sweep DIR``: a growth
+study's sweep report instead (pipeline/cluster/growth.py).
 
 Writes README.md (the model card), mergekit_config.yml, results.json and results.md (from the eval
 stage's results.json) and the eval plots into ``DIR`` (default ``RUN_DIR/release``). The model
@@ -24,12 +25,27 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipeline.report",
         description="Regenerate a run's model card (README.md) and results from its manifests.",
     )
-    parser.add_argument("run_dir", type=Path, help="the run directory (e.g. outputs/demo)")
+    parser.add_argument("run_dir", type=Path, nargs="?", default=None, help="the run directory (e.g. outputs/demo)")
+    parser.add_argument("--sweep", type=Path, default=None, metavar="DIR",
+                        help="instead: a growth study's sweep directory (e.g. outputs/growth-study): rewrite its "
+                             "sweep_report.md/.json and loss_vs_tokens.png (docs/growth-study.md)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: RUN_DIR/release)")
     parser.add_argument("--with-model", action="store_true",
                         help="rebuild the whole release directory, model files included (hard links)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.sweep is not None:
+        from pipeline.cluster.growth import write_sweep_report
+
+        try:
+            written = write_sweep_report(args.sweep)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        log(f"wrote {', '.join(p.name for p in written)} to {args.sweep}", where="report")
+        return 0
+    if args.run_dir is None:
+        parser.error("give RUN_DIR, or --sweep DIR")
     try:
         if args.with_model:
             out = build_release(args.run_dir, args.out)
