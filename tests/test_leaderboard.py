@@ -242,3 +242,58 @@ def test_cli_scores_a_model_with_no_network(tiny_base_model_dir, tmp_path):
 def samples_doc(out: Path, task: str, i: int) -> dict:
     lines = [json.loads(line) for line in (out / "samples" / f"{task}.jsonl").read_text().splitlines()]
     return next(s["doc"] for s in lines if s["doc_id"] == i)
+
+
+def _pipeline_cfg(tmp_path, model_dir, data_dir, **eval_fields):
+    from pipeline.config import DataConfig, EvalConfig, ModelConfig, PathsConfig, PipelineConfig
+
+    return PipelineConfig(
+        stage="base", model=ModelConfig(name_or_path=str(model_dir)),
+        data=DataConfig(cpt_files=[str(data_dir / "corpus.txt")], sft_files=[str(data_dir / "instructions.jsonl")]),
+        eval=EvalConfig(stages=["base"], seq_len=64, max_heldout_tokens=512, max_sft_heldout_examples=4,
+                        harness_preset="leaderboard", **eval_fields),
+        paths=PathsConfig(run_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache")),
+    )
+
+
+def test_eval_stage_refuses_a_bad_board_before_any_stage_runs(tmp_path, tiny_base_model_dir, tiny_data_dir):
+    from pipeline.driver import run_pipeline
+
+    cfg = _pipeline_cfg(tmp_path, tiny_base_model_dir, tiny_data_dir, harness_tasks=["arc_challenge"],
+                        harness_limit=5000)
+    cfg.stage = "all"
+    with pytest.raises(ConfigError, match="eval.harness_limit.*1,172"):
+        run_pipeline(cfg)
+    run_dir = tmp_path / "run"
+    assert not run_dir.exists() or not [p for p in run_dir.iterdir() if p.name != "config.yaml"]
+
+
+def test_eval_stage_writes_the_board_for_each_stage(tmp_path, tiny_base_model_dir, tiny_data_dir):
+    """stage=eval with eval=leaderboard's preset: the seed's table in results.md, lm-eval's JSON and
+    per-sample logs under leaderboard/<stage>/, contamination counted against the run's training files."""
+    from pipeline.driver import run_pipeline
+    from pipeline.release.card import leaderboard_section
+
+    cfg = _pipeline_cfg(tmp_path, tiny_base_model_dir, tiny_data_dir, harness_tasks=["arc_challenge", "winogrande"],
+                        harness_num_fewshot={"arc_challenge": 2, "winogrande": 1}, harness_limit=2,
+                        harness_device="cpu")
+    run_pipeline(cfg)
+    cfg.stage = "eval"
+    cfg.release.enabled = False  # no merge in this run: nothing to release
+    out = run_pipeline(cfg)
+    eval_dir = Path(out["eval_dir"])
+    assert (eval_dir / "leaderboard" / "base" / "lm_eval_results.json").is_file()
+    assert (eval_dir / "leaderboard" / "base" / "samples" / "winogrande.jsonl").is_file()
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert results["leaderboard"]["tasks"]["arc_challenge"] == {"shots": 2, "scored": 2, "split_docs": 1172,
+                                                               "contaminated": 0}
+    md = (eval_dir / "results.md").read_text()
+    assert "| stage | Avg (2 of 6; without HellaSwag, MMLU, TruthfulQA, GSM8K) | ARC (2-shot)" in md
+    assert md.count("| base |") == 2  # the board row, and the held-out metrics' row
+    lines, rest = leaderboard_section(results)
+    card = "\n".join(lines)
+    assert "\n| base | " in card and "| docs scored |  | 2 of 1,172 |" in card and "held-out" not in card
+    assert not [k for k in rest["base"] if k.startswith(("arc_challenge/", "winogrande/"))]
+    from pipeline.evaluation.metrics import HELDOUT
+
+    assert f"{HELDOUT}/perplexity" in rest["base"]
