@@ -82,7 +82,9 @@ def run_stage(stage: Stage, cfg: PipelineConfig) -> Manifest:
     if (m := read_manifest(final)) and m.key == key:
         log(f"{stage.name}: up to date" + (f" ({m.model_dir})" if stage.name == "base" else ""))
         return m
-    with atomic_output_dir(final, overwrite=True) as out_dir:
+    if stage.resumes_partial and partial_dir_for(final).is_dir():
+        log(f"{stage.name}: continuing in {partial_dir_for(final)} (what an earlier attempt finished is kept)")
+    with atomic_output_dir(final, overwrite=True, resume=stage.resumes_partial) as out_dir:
         out = stage.run(cfg, inputs=inputs, out_dir=out_dir)
         # The manifest is the last file written: a directory without one is never taken for finished.
         return write_manifest(out_dir, new_manifest(stage=stage.name, key=key, inputs=inputs, config=config,

@@ -106,21 +106,24 @@ def partial_dir_for(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(final: Path | str, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory; rename it to ``final`` if the block succeeds.
 
     On an exception the temporary directory is removed and ``final`` is left untouched; a write
     that failed for lack of space becomes a ``DiskFullError`` naming the directory. A process killed
     outright leaves only the ``.partial`` directory, which the next attempt removes first.
+    ``resume``: the ``.partial`` directory of an earlier attempt is kept (also on an exception) and
+    yielded again, for a writer that records what each of its files was made from and redoes only
+    what is missing or stale (the quantize ladder).
     """
     final = Path(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; remove it or choose another output path")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_dir_for(final)
-    if tmp.exists():  # left by an earlier crash
+    if tmp.exists() and not resume:  # left by an earlier crash
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=resume)
     try:
         with disk_full_guard(tmp):
             yield tmp
@@ -134,7 +137,8 @@ def atomic_output_dir(final: Path | str, *, overwrite: bool = False) -> Iterator
             os.rename(tmp, final)
         _fsync_dir(final.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

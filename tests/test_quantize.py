@@ -416,3 +416,50 @@ def test_cli_refuses_bad_input_with_exit_code_2(tmp_path, capsys):
     assert rc == 2
     assert "unknown GGUF quant type 'Q9_X'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_ladder_that_failed_at_a_rung_resumes_inside_the_pipeline(gpt2_llama_dir, tmp_path, monkeypatch):
+    """Issue 18 item 15: through the driver, a failure at the second rung keeps the stage's partial
+    dir; the rerun reuses the conversion, the reference's scores and the first rung, and makes the rest."""
+    import time
+
+    import pipeline.quantize.ladder as ladder
+    from pipeline.driver import run_stage
+    from pipeline.errors import StageFailed
+    from pipeline.manifest import new_manifest, stage_dir, write_manifest
+    from pipeline.stages.quantize import QuantizeStage
+
+    cfg = _stage_cfg(tmp_path, backend="gguf", rungs=["Q8_0", "Q4_K_M"], window=128, max_eval_tokens=256,
+                     compare_with_transformers=False)
+    sft = stage_dir(cfg.paths.run_dir, "sft")
+    sft.mkdir(parents=True)
+    write_manifest(sft, new_manifest(stage="sft", key="key-sft", inputs=[], config={}, metrics={}, started_at=time.time(),
+                                     model_dir=str(gpt2_llama_dir)))
+    real_quantize, real_score = ladder.quantize_rung, ladder.score_reference
+    calls = {"reference_scored": 0}
+
+    def fail_at_q4(**kw):
+        if kw["rung"].label == "Q4_K_M":
+            raise StageFailed("injected failure at the second rung")
+        return real_quantize(**kw)
+
+    def counting_score(**kw):
+        calls["reference_scored"] += 1
+        return real_score(**kw)
+
+    monkeypatch.setattr(ladder, "score_reference", counting_score)
+    monkeypatch.setattr(ladder, "quantize_rung", fail_at_q4)
+    with pytest.raises(StageFailed, match="injected"):
+        run_stage(QuantizeStage(), cfg)
+    partial = stage_dir(cfg.paths.run_dir, "quantize").parent / ".06_quantize.partial"
+    done = {p.name: p.stat().st_mtime_ns for p in (partial / "tiny-F32.gguf", partial / "tiny-Q8_0.gguf")
+            if p.is_file()} if (partial / "tiny-F32.gguf").exists() else {}
+    assert set(done) == {"tiny-F32.gguf", "tiny-Q8_0.gguf"}, sorted(p.name for p in partial.glob("*"))
+    monkeypatch.setattr(ladder, "quantize_rung", real_quantize)
+    manifest = run_stage(QuantizeStage(), cfg)
+    final = stage_dir(cfg.paths.run_dir, "quantize")
+    assert {n: (final / n).stat().st_mtime_ns for n in done} == done  # conversion and rung 1 not redone
+    assert calls["reference_scored"] == 1  # the reference's log-probs were kept and reused
+    assert manifest.metrics["quantize/Q4_K_M/mean_kld"] > 0 and (final / "tiny-Q4_K_M.gguf").is_file()
+    assert not partial.exists() and not (final / ".scratch").exists()

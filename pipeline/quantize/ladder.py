@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pipeline.data import tokenize_records
 from pipeline.errors import ConfigError, StageFailed
-from pipeline.fsutil import atomic_write_json, hash_path, sha256_file
+from pipeline.fsutil import atomic_write_json, hash_path, hash_text, sha256_file
 from pipeline.quantize.convert import (
     CheckpointFacts,
     check_architecture,
@@ -219,11 +219,48 @@ def quantize_rung(*, llama_cpp, source: Path, dest: Path, rung: Rung, imatrix: I
     return time.perf_counter() - start
 
 
-def _load_record(path: Path, gguf: Path) -> dict | None:
+def _load_record(path: Path, gguf: Path, scored_on: str | None = None) -> dict | None:
+    """A finished rung's record: its file has the recorded size and (``scored_on``) it was made and
+    scored from the same reference, on the same tokens, with the same settings."""
     if not path.is_file() or not gguf.is_file():
         return None
     record = json.loads(path.read_text())
+    if scored_on is not None and record.get("scored_on") != scored_on:
+        return None
     return record if record.get("file_bytes") == gguf.stat().st_size else None
+
+
+def _scored_on(*, source_hash: str, reference_type: str, windows: list[list[int]], rung: Rung,
+               imatrix_record: dict | None) -> str:
+    """What a rung's record depends on: the model's content, the reference type, the scored token
+    ids, the rung's settings and (imatrix rungs) the importance matrix's record."""
+    return hash_text(json.dumps({"source": source_hash, "reference": reference_type, "windows": hash_text(json.dumps(windows)),
+                                 "rung": [rung.label, rung.quant.name, rung.use_imatrix],
+                                 "imatrix": imatrix_record if rung.use_imatrix else None}, sort_keys=True))
+
+
+def _reference_scores(*, ref_path: Path, windows: list[list[int]], scratch_dir: Path, n_threads: int | None,
+                      desc: str, made_from: str):
+    """The reference's log-probs on ``windows``: kept in the scratch dir with a record of what they
+    were computed on (reference record + token ids), so a rerun after a failed rung reuses them."""
+    import numpy as np
+
+    from pipeline.quantize.score import ReferenceRun, RungScore
+
+    scratch, record_path = scratch_dir / "reference_logprobs.npy", scratch_dir / "reference_scores.json"
+    key = hash_text(json.dumps({"reference": made_from, "windows": hash_text(json.dumps(windows))}))
+    if record_path.is_file() and scratch.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("key") == key:
+            targets = np.asarray([t for w in windows for t in w[1:]], dtype=np.int64)
+            return ReferenceRun(logprobs=np.load(scratch, mmap_mode="r"), targets=targets,
+                                score=RungScore(**record["score"]), model_bytes=record["model_bytes"],
+                                model_params=record["model_params"])
+    record_path.unlink(missing_ok=True)
+    run = score_reference(gguf_path=ref_path, windows=windows, scratch=scratch, n_threads=n_threads, desc=desc)
+    atomic_write_json(record_path, {"key": key, "score": run.score.as_dict(), "model_bytes": run.model_bytes,
+                                    "model_params": run.model_params})
+    return run
 
 
 def with_file_facts(record: dict, gguf: Path, record_path: Path) -> dict:
@@ -272,8 +309,8 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
     windows = build_windows(tokenize_records(tokenizer, eval_texts), window=config.window, max_tokens=config.max_eval_tokens)
     if not windows:
         raise ConfigError("quantize (held-out data)", "the held-out text is under two tokens", "give more held-out text")
-    reference = score_reference(gguf_path=ref_path, windows=windows, scratch=scratch_dir / "reference_logprobs.npy",
-                                n_threads=config.n_threads, desc=f"{plan.reference_type} reference")
+    reference = _reference_scores(ref_path=ref_path, windows=windows, scratch_dir=scratch_dir, n_threads=config.n_threads,
+                                  desc=f"{plan.reference_type} reference", made_from=json.dumps(ref_record, sort_keys=True))
     result: dict = {
         "model_name": plan.stem,
         "llama_cpp_python": plan.install.version,
@@ -304,9 +341,16 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
     imatrix = None
     # The imatrix is computed only when an imatrix rung still has to be made (a rerun after all of
     # them finished reuses the record of the one they were made with).
-    pending_imatrix = [r for r in plan.rungs if r.use_imatrix
-                       and _load_record(records_dir / f"{r.label}.json", out_dir / r.file_name(plan.stem)) is None]
     imatrix_record = records_dir / "imatrix.json"
+    saved_imatrix = json.loads(imatrix_record.read_text()) if imatrix_record.is_file() else None
+
+    def scored_on(rung: Rung, imatrix_rec: dict | None) -> str:
+        return _scored_on(source_hash=source_hash, reference_type=plan.reference_type, windows=windows, rung=rung,
+                          imatrix_record=imatrix_rec)
+
+    pending_imatrix = [r for r in plan.rungs if r.use_imatrix
+                       and _load_record(records_dir / f"{r.label}.json", out_dir / r.file_name(plan.stem),
+                                        scored_on(r, saved_imatrix)) is None]
     if plan.needs_imatrix and not pending_imatrix and imatrix_record.is_file():
         result["imatrix"] = json.loads(imatrix_record.read_text())
     elif plan.needs_imatrix:
@@ -336,7 +380,8 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
         for rung in plan.rungs:
             gguf = out_dir / rung.file_name(plan.stem)
             record_path = records_dir / f"{rung.label}.json"
-            record = _load_record(record_path, gguf)
+            key = scored_on(rung, result.get("imatrix"))
+            record = _load_record(record_path, gguf, key)
             if record is None:
                 quantize_s = quantize_rung(llama_cpp=llama_cpp, source=ref_path, dest=gguf, rung=rung, imatrix=imatrix,
                                            n_threads=config.n_threads, log_path=logs_dir / f"quantize-{rung.label}.log")
@@ -344,7 +389,8 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
                                                               n_threads=config.n_threads, desc=rung.label)
                 record = {"label": rung.label, "type": rung.quant.name, "imatrix": rung.use_imatrix, "file": gguf.name,
                           "file_bytes": gguf.stat().st_size, "file_mb": gguf.stat().st_size / 1e6,
-                          "bpw": size * 8 / params, "quantize_s": quantize_s, "score": score.as_dict()}
+                          "bpw": size * 8 / params, "quantize_s": quantize_s, "score": score.as_dict(),
+                          "scored_on": key}
                 atomic_write_json(record_path, record)
             result["rungs"].append(with_file_facts(record, gguf, record_path))
             write_ladder_reports(result, out_dir, plot=False)
@@ -352,5 +398,6 @@ def run_gguf_ladder(*, model_dir: Path, out_dir: Path, config: GgufLadderConfig,
         write_ladder_reports(result, out_dir, plot=config.plot)
     finally:
         reference.logprobs._mmap.close()  # release before removing the scratch file
-        shutil.rmtree(scratch_dir, ignore_errors=True)
+    # Kept until the ladder is complete: a rerun after a failed rung reuses the reference's log-probs.
+    shutil.rmtree(scratch_dir, ignore_errors=True)
     return result

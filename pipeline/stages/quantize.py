@@ -67,6 +67,9 @@ def ladder_metrics(result: dict) -> dict:
 
 class QuantizeStage(BaseStage):
     name = "quantize"
+    # A failed ladder keeps its .partial dir: the rerun reuses the conversion, the reference scores,
+    # the imatrix and every finished rung whose record matches (pipeline.quantize.ladder).
+    resumes_partial = True
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         return cfg.quantize.backend != "none"

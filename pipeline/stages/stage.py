@@ -67,6 +67,10 @@ class Stage(Protocol):
     # ``follows`` runs, into its own directory (which must not hold pipeline bookkeeping).
     publishes: bool
     follows: Optional[str]
+    # The stage's .partial directory survives a failure and is handed to the next attempt (instead
+    # of a fresh one): only for a stage whose every file records what it was made from, so that it
+    # redoes only what is missing or stale (quantize: the conversion, reference scores, rungs).
+    resumes_partial: bool
 
     def enabled(self, cfg: PipelineConfig) -> bool: ...
 
@@ -85,6 +89,7 @@ class BaseStage:
     name: str = ""
     publishes = False
     follows: Optional[str] = None
+    resumes_partial = False
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         return True
