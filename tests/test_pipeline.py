@@ -4,6 +4,7 @@ ZeRO-3 over gloo -> eval. Then what a user does next: re-run (everything skipped
 stage with `accelerate launch -m pipeline`, sweep."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -221,6 +222,13 @@ def test_multirun_runs_two_pipelines_and_reuses_the_merge(tmp_path, tiny_data_di
     assert proc.stdout.count("reusing identical merge") == 1
 
 
+def steps_reached(output: str, total: int) -> int:
+    """The last training step a run's output reports, from tqdm bars (``| 3/60 [``) or the file
+    progress lines a run writes when its output is not a terminal (``step 3/60 (5%)``)."""
+    found = re.findall(rf"(?:\| *|step )(\d+)/{total}\b", output)
+    return max((int(m) for m in found), default=0)
+
+
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_data_dir):
     """What SLURM does before preemption: SIGTERM to the job. Both ranks save a checkpoint at the
     same step and stop; nothing is exported; the same command again resumes and finishes."""
@@ -239,8 +247,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_data_di
     reader.start()
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        steps = [int(m) for m in re.findall(r"\| *(\d+)/60 \[", "".join(seen))]
-        if steps and max(steps) >= 3:
+        if steps_reached("".join(seen), 60) >= 3:
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.2)

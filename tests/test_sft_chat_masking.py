@@ -89,7 +89,7 @@ def test_sft_stage_trains_the_verified_masks_of_a_template_without_markers(tmp_p
     for ids, labels in zip(setup.fixed_batch["input_ids"], setup.fixed_batch["labels"]):
         trained = qwen_tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
         assert trained.endswith("<|im_end|>") and "<|im_start|>" not in trained
-    assert setup.data_stats["trained_tokens"] == sum(sum(1 for v in lab if v != -100) for lab in expected.values())
+    assert setup.data_stats["assistant_tokens_in_train_split"] == sum(sum(1 for v in lab if v != -100) for lab in expected.values())
     assert setup.data_stats["rows_dropped_no_trained_token"] == 0
 
 

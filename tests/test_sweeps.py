@@ -21,7 +21,7 @@ from pipeline.cluster.slurm import expand_hostlist, slurm_distributed
 from pipeline.cluster.sweep import format_summary, read_job_records, write_job_record
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import manifest, run_cli, seed_demo_base, tiny_overrides  # noqa: E402
+from test_pipeline import manifest, run_cli, seed_demo_base, steps_reached, tiny_overrides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +243,7 @@ def test_submitit_usr2_stops_training_at_a_checkpoint_before_it_is_handed_on(tmp
     reader.start()
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        steps = [int(m) for m in re.findall(r"\| *(\d+)/60 \[", "".join(seen))]
-        if steps and max(steps) >= 3:
+        if steps_reached("".join(seen), 60) >= 3:
             proc.send_signal(signal.SIGUSR2)
             break
         time.sleep(0.2)

@@ -75,7 +75,7 @@ def check_points(points: Sequence[tuple[str, PipelineConfig]], *, allow_unequal_
                               "cannot be made equal in advance", "set cpt.max_steps (make growth-study does)")
         if len(set(tokens.values())) > 1:
             raise ConfigError("cpt", "sweep points differ in planned cpt tokens: "
-                              + ", ".join(f"{k}={v:,}" for k, v in tokens.items()),
+                              + "; ".join(f"{k}: {v:,}" for k, v in tokens.items()),
                               "give every point the same cpt.max_steps and batch, or allow_unequal_tokens=true")
     return {k: {"layers": d, "cpt_tokens": t} for k, (d, t, _) in planned.items()}
 
@@ -307,10 +307,15 @@ def _sweep_configs(config) -> list[tuple[str, PipelineConfig]]:
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     shared = set.intersection(*(set(j) for j in jobs)) if len(jobs) > 1 else set()
     hydra = GlobalHydra.instance().hydra
+    labels = [point_label(job, shared) for job in jobs]
+    if len(set(labels)) < len(labels):
+        # Two jobs of one operator (another swept key): name each by all it does not share, so
+        # neither hides the other from the checks.
+        labels = [" ".join(o for o in job if o not in shared) for job in jobs]
     out = []
-    for num, job in enumerate(jobs):
+    for num, (label, job) in enumerate(zip(labels, jobs)):
         cfg = hydra.compose_config(config_name=config.hydra.job.config_name, overrides=list(job), run_mode=RunMode.RUN)
-        out.append((point_label(job, shared), typed_job_config(cfg, Path(str(config.hydra.sweep.dir)) / str(num))))
+        out.append((label, typed_job_config(cfg, Path(str(config.hydra.sweep.dir)) / str(num))))
     return out
 
 
