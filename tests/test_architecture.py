@@ -116,3 +116,15 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     finally:
         f.unlink()
     assert {"pipeline.stages", "pipeline.training"} <= found
+
+
+def test_a_stage_registry_that_disagrees_with_config_stages_does_not_import():
+    """pipeline/stages/__init__.py checks REGISTRY against config.STAGES with a raise that ``python -O``
+    keeps (an assert would be dropped, and stage directories misnumbered)."""
+    import subprocess
+    import sys
+
+    probe = "import pipeline.config as c; c.STAGES = c.STAGES[:-1]; import pipeline.stages"
+    done = subprocess.run([sys.executable, "-O", "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "RuntimeError" in done.stderr and "pipeline/config.py STAGES" in done.stderr, done.stderr

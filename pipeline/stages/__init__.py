@@ -24,8 +24,12 @@ from pipeline.stages.stage import Stage, TrainingStage
 REGISTRY: tuple[Stage, ...] = (BaseModelStage(), MergeStage(), CPTStage(), SFTStage(), DPOStage(), EvalStage(),
                                QuantizeStage(), ReleaseStage())
 BY_NAME: dict[str, Stage] = {s.name: s for s in REGISTRY}
-# The numbered stage directories follow pipeline.config.STAGES; the registry must agree with it.
-assert tuple(s.name for s in REGISTRY if not s.publishes) == STAGES, "stages/__init__.py and config.STAGES disagree"
+# The numbered stage directories follow pipeline.config.STAGES; the registry must agree with it. A
+# raise, not an assert: ``python -O`` drops asserts, and the stage directories would then be misnumbered.
+_REGISTERED = tuple(s.name for s in REGISTRY if not s.publishes)
+if _REGISTERED != STAGES:
+    raise RuntimeError(f"pipeline/stages/__init__.py REGISTRY lists the stages {_REGISTERED} but pipeline/config.py "
+                       f"STAGES is {STAGES}: list every non-publishing stage in both, in the same order")
 
 
 def get_stage(name: str) -> Stage:
