@@ -54,7 +54,7 @@ def test_item12_each_rung_reports_its_real_type_mix_and_identical_files_are_mark
     from pipeline.quantize.gguf_file import tensor_type_mix
     from pipeline.quantize.ladder import with_file_facts
     from pipeline.quantize.report import ladder_markdown, write_ladder_reports
-    from pipeline.release.card import ladder_table
+    from pipeline.release.gguf_card import ladder_table
 
     rng = np.random.default_rng(0)
     big, norm = rng.standard_normal((64, 96)), np.ones(64)
@@ -93,7 +93,7 @@ def test_item12_each_rung_reports_its_real_type_mix_and_identical_files_are_mark
 
 
 def test_item12_the_ollama_tag_of_an_imatrix_rung_is_its_quant_type():
-    from pipeline.release.card import _run_gguf_lines
+    from pipeline.release.gguf_card import _run_gguf_lines
 
     rung = _rung_record("Q4_K_M+imatrix", "Q4_K_M", "m-Q4_K_M-imat.gguf", mb=2.0, imatrix=True)
     text = "\n".join(_run_gguf_lines(rung, "me/m-GGUF"))
@@ -173,7 +173,7 @@ def test_item9_a_stage_manifest_reports_tokens_trained_not_a_nominal_product(tmp
         PipelineConfig,
     )
     from pipeline.driver import run_stage
-    from pipeline.release.card import _tokens_cell
+    from pipeline.release.card_sections import _tokens_cell
     from pipeline.stages import get_stage
 
     out = tmp_path / "out"
@@ -296,7 +296,7 @@ def test_item11_seam_analysis_and_eval_score_the_same_tokens_alike(tiny_base_mod
 def test_item11_the_card_labels_its_three_perplexities_apart():
     """Eval table, seam table and GGUF ladder each say which tokens, which windows, which engine."""
     from pipeline.evaluation.results import results_markdown
-    from pipeline.release.card import ladder_perplexity_label
+    from pipeline.release.gguf_card import ladder_perplexity_label
 
     results = {"base": {"heldout/perplexity": 41.8, "heldout/tokens": 4096, "heldout/window": 512}}
     header = results_markdown(results).splitlines()[2]

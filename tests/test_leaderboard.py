@@ -272,7 +272,7 @@ def test_eval_stage_writes_the_board_for_each_stage(tmp_path, tiny_base_model_di
     """stage=eval with eval=leaderboard's preset: the seed's table in results.md, lm-eval's JSON and
     per-sample logs under leaderboard/<stage>/, contamination counted against the run's training files."""
     from pipeline.driver import run_pipeline
-    from pipeline.release.card import leaderboard_section
+    from pipeline.release.card_sections import leaderboard_section
 
     cfg = _pipeline_cfg(tmp_path, tiny_base_model_dir, tiny_data_dir, harness_tasks=["arc_challenge", "winogrande"],
                         harness_num_fewshot={"arc_challenge": 2, "winogrande": 1}, harness_limit=2,

@@ -46,10 +46,10 @@ def test_auto_merge_chooses_scores_and_records_the_seam(tmp_path, tiny_base_mode
     assert [s["sources"][0]["layer_range"] for s in done["slices"]] == analysis["slices"]
     again = run_stage(get_stage("merge"), cfg)  # up to date: the same manifest, no new analysis
     assert again.key == manifest.key and again.started_at == manifest.started_at
-    from pipeline.release.card import _merge_section
+    from pipeline.release.card_sections import merge_section
     from pipeline.release.record import load_run
 
-    card = "\n".join(_merge_section(load_run(tmp_path / "out" / "run")))
+    card = "\n".join(merge_section(load_run(tmp_path / "out" / "run")))
     chosen = " + ".join(f"[{lo}, {hi})" for lo, hi in analysis["slices"])
     assert "chosen from data (`merge=auto`, 6 layers)" in card and f"| **{chosen}** (chosen) |" in card
     assert "tokens of the selection split (records at content-hash position [0.2, 0.4)" in card

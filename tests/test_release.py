@@ -366,7 +366,7 @@ def _add_quantize_stage(run: Path) -> dict:
 
 
 def test_quant_ladder_goes_into_the_card_and_its_own_gguf_release(run_dir, tmp_path, monkeypatch, capsys):
-    from pipeline.release import run_release
+    from pipeline.release.push import run_release
 
     run = _clone(run_dir, tmp_path / "run")
     _add_quantize_stage(run)
@@ -398,7 +398,7 @@ def test_a_ladder_of_an_older_model_is_not_published(run_dir, tmp_path):
 def test_a_gguf_release_of_an_older_model_is_removed_and_never_pushed(run_dir, tmp_path, monkeypatch, capsys):
     """Issue 18 item 2: ladder, release (release-gguf/ written), then a stage re-run makes the ladder
     another model's: the next release removes release-gguf/ and pushes no <repo>-GGUF."""
-    from pipeline.release import run_release
+    from pipeline.release.push import run_release
 
     run = _clone(run_dir, tmp_path / "run")
     _add_quantize_stage(run)

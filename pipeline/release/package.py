@@ -16,7 +16,9 @@ from pipeline.evaluation.results import write_results
 from pipeline.fsutil import atomic_output_dir, atomic_write_text
 from pipeline.log import log
 from pipeline.manifest import stage_dir
-from pipeline.release.card import published_merge_yaml, render_card, render_gguf_card
+from pipeline.release.card import render_card
+from pipeline.release.card_metadata import published_merge_yaml
+from pipeline.release.gguf_card import render_gguf_card
 from pipeline.release.record import (
     CARD_NAME,
     EXCLUDE_DIRS,

@@ -1,5 +1,6 @@
 """Uploading a release directory to the Hugging Face Hub; the token is read from the environment at
-upload time and goes to the hub client only.
+upload time and goes to the hub client only. ``run_release``: the release stage's build, then push
+(the model repository, and the GGUF one when this build wrote it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Optional
 from pipeline import hub
 from pipeline.errors import ConfigError
 from pipeline.log import log
-from pipeline.release.package import check_model_files
+from pipeline.release.gguf_card import gguf_repo_id
+from pipeline.release.package import build_release_dirs, check_model_files
 from pipeline.release.record import CARD_NAME, EXCLUDE_DIRS, PICKLE_SUFFIXES, format_size
 
 
@@ -103,3 +105,16 @@ def push_release(release_dir: Path | str, *, repo_id: Optional[str], private: bo
         raise
     log(f"pushed to {url}", where="release")
     return [rel for rel, _ in files]
+
+
+def run_release(*, run_dir: Path, push_to_hub: bool, repo_id: Optional[str], private: bool, dry_run: bool,
+                token_env: str) -> Path:
+    """Build ``<run_dir>/release``, then push it when ``push_to_hub``."""
+    if push_to_hub:
+        check_push_settings(repo_id=repo_id, dry_run=dry_run, token_env=token_env)
+    out, gguf = build_release_dirs(Path(run_dir), repo_id=repo_id)
+    if push_to_hub:
+        push_release(out, repo_id=repo_id, private=private, dry_run=dry_run, token_env=token_env)
+        if gguf is not None:  # the quant ladder this build wrote, as its own repository (the common GGUF layout)
+            push_release(gguf, repo_id=gguf_repo_id(repo_id), private=private, dry_run=dry_run, token_env=token_env)
+    return out

@@ -11,8 +11,7 @@ from typing import Sequence
 
 from pipeline.config import PipelineConfig
 from pipeline.manifest import StageInput
-from pipeline.release import run_release
-from pipeline.release.push import check_push_settings
+from pipeline.release.push import check_push_settings, run_release
 from pipeline.stages.stage import BaseStage, StageOutput
 
 
