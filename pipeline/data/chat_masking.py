@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.data import read_rows, sft_row_messages
+from pipeline.data.conversations import sft_row_messages
+from pipeline.data.files import read_rows
 from pipeline.data.mistral import mistral_common_tokenizer_for
 from pipeline.errors import ConfigError
 

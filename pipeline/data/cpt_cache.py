@@ -30,8 +30,10 @@ from typing import Iterator
 
 import torch
 
-from pipeline.data import is_hub_dataset_name, iter_packed_blocks, iter_text_records, tokenize_records
+from pipeline.data.files import is_hub_dataset_name
 from pipeline.data.mistral import plain_text_encoder
+from pipeline.data.packing import iter_packed_blocks, tokenize_records
+from pipeline.data.records import iter_text_records
 from pipeline.data.splits import HELDOUT, SELECTION, RecordSplits
 from pipeline.errors import ConfigError
 from pipeline.fsutil import atomic_write_json, file_lock, hash_path

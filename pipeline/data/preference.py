@@ -34,8 +34,9 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from pipeline.data import check_data_file, is_hub_dataset_name, iter_hub_rows, read_rows, split_records
+from pipeline.data.files import check_data_file, is_hub_dataset_name, iter_hub_rows, read_rows
 from pipeline.data.mistral import mistral_common_tokenizer_for
+from pipeline.data.splits import split_records
 from pipeline.errors import ConfigError
 
 DPO_FORMATS = ("strings", "messages")
@@ -204,7 +205,7 @@ def preference_key(pair: dict) -> str:
 
 
 def split_preferences(pairs: Iterable[dict], heldout_fraction: float):
-    """``pipeline.data.Split`` of pairs (train, heldout) by ``preference_key``: stable across runs."""
+    """``pipeline.data.splits.Split`` of pairs (train, heldout) by ``preference_key``: stable across runs."""
     return split_records(pairs, heldout_fraction, preference_key)
 
 

@@ -1,6 +1,6 @@
 """The three record splits, by one content hash: train, selection and held-out.
 
-A record's place in [0, 1) is the hash ``pipeline.data.is_heldout`` reads (sha256 of its text), so
+A record's place in [0, 1) is the hash ``is_heldout`` reads (sha256 of its text), so
 a record is in the same split in every run, file order and machine:
 
     [0, heldout_fraction)                                     held-out: the test set every stage reports
@@ -28,10 +28,40 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from pipeline.data import is_heldout, iter_text_records
+from pipeline.data.records import iter_text_records
 from pipeline.errors import ConfigError
 
 TRAIN, SELECTION, HELDOUT = "train", "selection", "heldout"
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list
+    heldout: list
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_records(records: Iterable, fraction: float, key=lambda r: r) -> Split:
+    train, heldout = [], []
+    for r in records:
+        (heldout if is_heldout(key(r), fraction) else train).append(r)
+    return Split(train, heldout)
+
+
+def heldout_text_records(
+    files: list[str], *, heldout_fraction: float, text_column: str = "text", txt_document_separator: str = "\n\n\n",
+    max_record_chars: int = 4000,
+) -> list[str]:
+    """The held-out records of raw-text files, in file order: what every stage scores (eval, quantize).
+    Only these are kept in memory; the corpus itself may be far larger."""
+    return [r for name in files
+            for r in iter_text_records(name, text_column=text_column, txt_document_separator=txt_document_separator,
+                                       max_record_chars=max_record_chars)
+            if is_heldout(r, heldout_fraction)]
 
 
 @dataclass(frozen=True)
