@@ -49,11 +49,13 @@ def _hydra_main():
 
             run_training_under_launcher(cfg)
             return None
-        from pipeline.cluster.slurm import apply_slurm_environment, is_follower, record_leader_failure, run_follower
+        from pipeline.cluster.slurm import (apply_slurm_environment, check_run_dir_shared, is_follower,
+                                            record_leader_failure, run_follower)
         from pipeline.driver import run_pipeline
 
         # Inside a multi-node SLURM job every node runs this; node 0 leads, the others join training.
         cfg = apply_slurm_environment(cfg)
+        check_run_dir_shared(cfg)
         if is_follower(cfg):
             run_follower(cfg)
             return None

@@ -10,13 +10,14 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import REPO_ROOT, DistributedConfig
+from pipeline.config import REPO_ROOT, DistributedConfig, PathsConfig, PipelineConfig
 from pipeline.cluster.slurm import expand_hostlist, slurm_distributed
 from pipeline.cluster.sweep import format_summary, read_job_records, write_job_record
 
@@ -63,6 +64,63 @@ def test_slurm_environment_fills_the_multinode_launch():
     same = DistributedConfig(num_processes=8)
     assert slurm_distributed(same, {**env, "SLURM_NNODES": "1"}) == (same, None)
     assert slurm_distributed(same, {}) == (same, None)
+
+
+def test_multinode_config_takes_the_per_job_port_under_slurm(tmp_path, monkeypatch):
+    """conf/distributed/zero3_multinode.yaml sets no port, so a SLURM job gets the per-job (and per-restart)
+    port every node derives, not a fixed one a requeued job's last run may still hold; by hand, MASTER_PORT."""
+    from pipeline.errors import ConfigError
+    from pipeline.training.distributed import validate_distributed
+    from test_config import compose_typed
+
+    env = {"SLURM_JOB_ID": "31", "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_RESTART_COUNT": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    dist = compose_typed(["distributed=zero3_multinode"], tmp_path).distributed
+    assert dist.main_process_port is None
+    with pytest.raises(ConfigError, match="distributed.main_process_port"):
+        validate_distributed(replace(dist, main_process_ip="n1"), str(REPO_ROOT / "conf"))
+    assert slurm_distributed(dist, env)[0].main_process_port == 20000 + 31 + 997
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    assert compose_typed(["distributed=zero3_multinode"], tmp_path).distributed.main_process_port == 29555
+
+
+def test_a_follower_that_does_not_see_the_leaders_run_dir_stops_with_the_directory_named(tmp_path):
+    """check_run_dir_shared: the leader's file for this job run is seen by a follower on the same
+    directory; a follower whose run dir is elsewhere (not shared) gets a ConfigError within its timeout."""
+    from pipeline.cluster.slurm import check_run_dir_shared
+    from pipeline.errors import ConfigError
+
+    env = {"SLURM_JOB_ID": "12", "SLURMD_NODENAME": "n2"}
+    leader = replace(PipelineConfig(), distributed=DistributedConfig(num_machines=2, num_processes=2, machine_rank=0),
+                     paths=PathsConfig(run_dir=str(tmp_path / "shared" / "run")))
+    follower = replace(leader, distributed=replace(leader.distributed, machine_rank=1))
+    elsewhere = replace(follower, paths=PathsConfig(run_dir=str(tmp_path / "node_local" / "run")))
+    with pytest.raises(ConfigError, match="did not see"):  # the leader has not written it yet
+        check_run_dir_shared(follower, env, timeout_s=0.2, poll_s=0.1)
+    check_run_dir_shared(leader, env)
+    check_run_dir_shared(follower, env, timeout_s=0.2, poll_s=0.1)
+    t0 = time.time()
+    with pytest.raises(ConfigError) as err:
+        check_run_dir_shared(elsewhere, env, timeout_s=1, poll_s=0.1)
+    assert time.time() - t0 < 5
+    assert str(err.value).startswith("paths.run_dir: node n2 (machine_rank 1) did not see")
+    assert f"do not share {tmp_path / 'node_local' / 'run'}" in str(err.value) and "NFS" in str(err.value)
+    # A requeued job (restart 1) does not take the first run's file for its own.
+    with pytest.raises(ConfigError):
+        check_run_dir_shared(follower, {**env, "SLURM_RESTART_COUNT": "1"}, timeout_s=0.2, poll_s=0.1)
+
+
+def test_slurm_sweep_without_sbatch_on_path_fails_before_anything_is_written(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python only: no sbatch
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "-m", "hydra/launcher=slurm_local",
+                           f"paths.output_root={tmp_path}", "cpt.learning_rate=1e-3,2e-3"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: hydra/launcher: the SLURM launcher submits with sbatch, which is not on PATH" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_summary_is_rewritten_from_every_job_record(tmp_path):

@@ -42,6 +42,13 @@ LEADER_FAILED = "leader_failed.json"
 # How long a follower waits for the leader to finish a stage's input (base + merge of a 7B model
 # takes minutes; the wait for the next stage's input after training is seconds).
 FOLLOWER_TIMEOUT_S = float(os.environ.get("DUS_FOLLOWER_TIMEOUT_S", 4 * 3600))
+# The leader writes a file into the run directory at job start; each follower must see it within
+# this many seconds, or the nodes do not share the directory and the follower stops with an error
+# (rather than waiting FOLLOWER_TIMEOUT_S for a merge it will never see). Not seconds: NFS may
+# cache a directory's listing for up to 60 s (acdirmax), and the leader's imports take ~10 s.
+SHARED_DIR_TIMEOUT_S = float(os.environ.get("DUS_SHARED_DIR_TIMEOUT_S", 120))
+# Where those files go, one per job run: run_dir/.slurm_nodes/job_<id>_restart_<n>.json.
+NODES_DIR = ".slurm_nodes"
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
@@ -124,6 +131,47 @@ def apply_slurm_environment(cfg: PipelineConfig, env: Mapping[str, str] | None =
         log(msg)
         cfg = replace(cfg, distributed=dist)
     return cfg
+
+
+def _leader_token(cfg: PipelineConfig, env: Mapping[str, str]) -> Path:
+    restart = int(env.get("SLURM_RESTART_COUNT") or 0)
+    return Path(cfg.paths.run_dir) / NODES_DIR / f"job_{env.get('SLURM_JOB_ID', 'none')}_restart_{restart}.json"
+
+
+def check_run_dir_shared(cfg: PipelineConfig, env: Mapping[str, str] | None = None, *,
+                         timeout_s: float | None = None, poll_s: float = 1.0) -> None:
+    """At the start of a multi-node job: the leader writes a file for this job run into the run
+    directory; each follower waits until it sees that file (SHARED_DIR_TIMEOUT_S), so a run directory
+    the nodes do not share fails here in seconds, not after FOLLOWER_TIMEOUT_S of waiting for a merge.
+    Nothing to do on one machine."""
+    env = os.environ if env is None else env
+    if cfg.distributed.num_machines <= 1:
+        return
+    timeout_s = SHARED_DIR_TIMEOUT_S if timeout_s is None else timeout_s
+    token = _leader_token(cfg, env)
+    node = env.get("SLURMD_NODENAME", "?")
+    if not is_follower(cfg):
+        token.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(token, {"node": node, "time": time.time()})
+        return
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            # Listing the directory, not stat of the file: NFS revalidates a listing, while a
+            # cached "no such file" may last up to acdirmax.
+            if token.name in os.listdir(token.parent):
+                return
+        except FileNotFoundError:
+            pass
+        if time.time() > deadline:
+            raise ConfigError(
+                "paths.run_dir",
+                f"node {node} (machine_rank {cfg.distributed.machine_rank}) did not see {token} within "
+                f"{timeout_s:.0f} s; the leader node ({cfg.distributed.main_process_ip}) writes it at job start: "
+                f"the nodes do not share {cfg.paths.run_dir}",
+                "put paths.output_root on a filesystem every node mounts (NFS, Lustre, GPFS), not a node-local "
+                "disk such as /tmp; on a slow shared filesystem raise DUS_SHARED_DIR_TIMEOUT_S")
+        time.sleep(poll_s)
 
 
 def is_follower(cfg: PipelineConfig) -> bool:

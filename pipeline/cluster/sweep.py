@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,24 @@ class SweepSummaryCallback(Callback):
             "overrides": list(hydra.overrides.task),
             "run_dir": str(hydra.runtime.output_dir),
         }
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        # Hydra instantiates the launcher after this and before it sets HydraConfig (it does per job);
+        # hydra-submitit-launcher resolves submitit_folder (${hydra.sweep.dir} -> run_name ->
+        # ${hydra:runtime.choices.experiment}) then, so a submitit sweep without run_name=... failed
+        # with "HydraConfig was not set".
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        if launcher.endswith(".SlurmLauncher") and not shutil.which("sbatch"):
+            # Before anything is submitted; submitit would stop later with 'Could not detect "srun"'
+            # and a traceback. SystemExit: Hydra turns a callback's Exception into a warning.
+            print("error: hydra/launcher: the SLURM launcher submits with sbatch, which is not on PATH -> run the "
+                  "sweep on a SLURM login node (or `make cluster-up` and SLURM_CONF for the local rehearsal "
+                  "cluster; docs/slurm.md), or use hydra/launcher=local on this machine", file=sys.stderr)
+            raise SystemExit(2)
 
     def on_job_start(self, config, **kwargs: Any) -> None:
         job = self._job(config)

@@ -97,6 +97,10 @@ def validate_distributed(dist: DistributedConfig, conf_dir: str) -> None:
     if dist.num_machines > 1 and not dist.main_process_ip:
         raise ConfigError("distributed.main_process_ip", "multi-node training needs the main node's address",
                           "set it (under SLURM: the first host of $SLURM_JOB_NODELIST)")
+    if dist.num_machines > 1 and not dist.main_process_port:
+        # Each node would pick its own free port and wait for the others forever.
+        raise ConfigError("distributed.main_process_port", "multi-node training needs one port that every node uses",
+                          "set it (or export MASTER_PORT); inside a SLURM job the driver derives it from the job id")
     load_deepspeed_config(dist, conf_dir)
 
 

@@ -41,10 +41,13 @@ def job_field(job_id: str, field: str) -> str | None:
     return m.group(1) if m else None
 
 
-def submit(run_name: str, log: Path) -> str:
+def submit(run_name: str, log: Path, out: Path = OUT, overrides: list[str] = TINY,
+           env: dict[str, str] | None = None) -> str:
+    """pipeline.sbatch as a 2-node job in `normal`: run `out/run_name`, its log `log` (tests/test_cluster.py
+    submits with its own `out` and settings)."""
     args = ["sbatch", "--parsable", "-p", "normal", "-D", str(REPO), "-o", str(log), str(SBATCH),
-            f"paths.output_root={OUT}", f"paths.cache_dir={OUT}/cache", f"run_name={run_name}", *TINY]
-    return slurm(*args).strip().split(";")[0]
+            f"paths.output_root={out}", f"paths.cache_dir={out}/cache", f"run_name={run_name}", *overrides]
+    return subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout.strip().split(";")[0]
 
 
 def wait_done(job_id: str, timeout_s: float = 1800) -> str:
