@@ -28,11 +28,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline.analysis import analyze_layers, load_causal_lm, measure_perplexity, prepare_tokens
+    from pipeline.analysis import analyze_layers, load_model_for_analysis, measure_perplexity, prepare_tokens
 
     tokens = prepare_tokens(args.model, data_files=[args.data], num_tokens=args.tokens, seq_len=args.seq_len,
                             batch_size=args.batch_size, heldout_fraction=0.05, text_column="text")
-    model = load_causal_lm(args.model, device="cpu")
+    model = load_model_for_analysis(args.model, device="cpu")
     measure_perplexity(model=model, token_batches=tokens.batches[:1], progress=False)
     analyze_layers(model=model, token_batches=tokens.batches[:1], progress=False)
     plain, analysis = [], []

@@ -23,7 +23,7 @@ from pipeline.analysis import (  # noqa: E402
     solar_seam, spearman_rho,
 )
 from pipeline.analysis import recommend as recommend_module  # noqa: E402
-from pipeline.analysis.similarity import load_causal_lm  # noqa: E402
+from pipeline.analysis.similarity import load_model_for_analysis  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.merge import ARCHITECTURES, MergeConfig, validate_merge  # noqa: E402
 from pipeline.merge.testing import make_tiny_model  # noqa: E402
@@ -87,7 +87,7 @@ def reference_states(model, batches):
 def test_identity_layers_have_zero_block_influence_and_distance(identity_model):
     batches = random_batches(batch=4, seq=96)  # 384 tokens a batch: accumulated in chunks of 256
     with torch_threads(1):
-        model = load_causal_lm(identity_model, device="cpu")
+        model = load_model_for_analysis(identity_model, device="cpu")
         sim = analyze_layers(model=model, token_batches=batches, progress=False)
         states = reference_states(model, batches)
     assert sim.num_layers == 6 and sim.num_tokens == 3 * 4 * 96
@@ -269,7 +269,7 @@ def no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(recommend_module, "load_causal_lm", refuse)
+    monkeypatch.setattr(recommend_module, "load_model_for_analysis", refuse)
 
 
 def test_bad_target_depth(identity_model, tmp_path, no_model_load):
@@ -291,7 +291,7 @@ def test_more_tokens_than_the_data_has(identity_model, tmp_path, no_model_load):
 def test_data_without_text_column(identity_model, tmp_path, no_model_load):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"content": "t5 t6 t7"}\n')
-    with pytest.raises(ConfigError, match="no column 'text'"):
+    with pytest.raises(ConfigError, match=r"--text-column: 'text' is not a column of .*rows.jsonl"):
         recommend_seam(identity_model, target_layers=8, data_files=[str(data)], heldout_fraction=None)
     with pytest.raises(ConfigError, match="does not exist"):
         recommend_seam(identity_model, target_layers=8, data_files=[str(tmp_path / "missing.txt")])

@@ -245,7 +245,7 @@ def test_pickle_only_model_is_refused_naming_allow_pickle_and_loads_with_it(tmp_
 
     from pipeline.config import DistributedConfig, ModelConfig, PathsConfig, PipelineConfig
     from pipeline.checks.preflight import check_pickle_only_base
-    from pipeline.training.model import load_causal_lm
+    from pipeline.training.model import load_model_for_training
 
     d = tmp_path / "pickled"
     shutil.copytree(llama, d)
@@ -259,11 +259,11 @@ def test_pickle_only_model_is_refused_naming_allow_pickle_and_loads_with_it(tmp_
         check_pickle_only_base(cfg, ["base", "cpt"])
     assert "pytorch_model.bin" in str(e.value) and "weights_only=True" in str(e.value)
     with pytest.raises(Exception):  # the training loader refuses it too (safetensors only)
-        load_causal_lm(str(d), bf16=False, attn="sdpa", trust_remote_code=False)
+        load_model_for_training(str(d), bf16=False, attn="sdpa", trust_remote_code=False)
 
     cfg.model.allow_pickle = True
     check_pickle_only_base(cfg, ["base", "cpt"])
-    model = load_causal_lm(str(d), bf16=False, attn="sdpa", trust_remote_code=False, allow_pickle=True)
+    model = load_model_for_training(str(d), bf16=False, attn="sdpa", trust_remote_code=False, allow_pickle=True)
     loaded = model.state_dict()
     for name, t in state.items():
         assert torch.equal(loaded[name], t), name
@@ -277,7 +277,7 @@ def test_pickle_only_model_is_refused_naming_allow_pickle_and_loads_with_it(tmp_
 
     torch.save({"model.embed_tokens.weight": Evil()}, d / "pytorch_model.bin")
     with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
-        load_causal_lm(str(d), bf16=False, attn="sdpa", trust_remote_code=False, allow_pickle=True)
+        load_model_for_training(str(d), bf16=False, attn="sdpa", trust_remote_code=False, allow_pickle=True)
     from pipeline.merge import InputSlice, MergeConfig, OutputSlice, validate_merge
 
     with pytest.raises(ConfigError, match=r"weights_only=True"):

@@ -62,7 +62,7 @@ def test_auto_merge_scores_on_the_selection_split_never_on_evals_heldout_tokens(
     base model's perplexity on the selection records' tokens, not on the held-out tokens eval reports."""
     from transformers import AutoTokenizer
 
-    from pipeline.analysis.similarity import load_causal_lm, measure_perplexity
+    from pipeline.analysis.similarity import load_model_for_analysis, measure_perplexity
     from pipeline.analysis.tokens import heldout_token_batches, split_token_batches
     from pipeline.data.splits import RecordSplits
 
@@ -75,7 +75,7 @@ def test_auto_merge_scores_on_the_selection_split_never_on_evals_heldout_tokens(
     common = dict(num_tokens=256, seq_len=256, batch_size=4)  # the analysis' own settings (context 256)
     selection = split_token_batches(tok, [str(corpus)], splits=RecordSplits(0.2, 0.2), **common)
     heldout = heldout_token_batches(tok, [str(corpus)], heldout_fraction=0.2, **common)  # eval's first tokens
-    model = load_causal_lm(str(tiny_base_model_dir), device="cpu")
+    model = load_model_for_analysis(str(tiny_base_model_dir), device="cpu")
     on_selection = measure_perplexity(model=model, token_batches=selection, progress=False)
     on_heldout = measure_perplexity(model=model, token_batches=heldout, progress=False)
     assert report["base_perplexity"] == pytest.approx(on_selection, rel=1e-4)
@@ -96,7 +96,7 @@ def test_a_selection_split_too_small_is_refused_before_the_model_loads(tmp_path,
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the selection split was checked")
 
-    monkeypatch.setattr(recommend_module, "load_causal_lm", refuse)
+    monkeypatch.setattr(recommend_module, "load_model_for_analysis", refuse)
     cfg = auto_cfg(tmp_path, tiny_base_model_dir, tiny_data_dir / "corpus.txt", selection_fraction=0.01,
                    auto_tokens=200_000)
     run_stage(get_stage("base"), cfg)

@@ -36,7 +36,7 @@ def test_a_document_split_across_blocks_restarts_positions():
 def test_packed_logits_equal_each_document_alone(attn):
     """The proof that packing leaks no attention: logits of a packed batch equal those of every
     document run on its own. In training mode, as the Trainer runs it, with the model loaded the
-    way the cpt stage loads it (use_cache off: see pipeline.train.load_causal_lm)."""
+    way the cpt stage loads it (use_cache off: see pipeline.training.model.load_model_for_training)."""
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

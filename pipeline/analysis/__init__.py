@@ -17,12 +17,12 @@ from pipeline.analysis.seams import (
     solar_seam,
     spearman_rho,
 )
-from pipeline.analysis.similarity import LayerSimilarity, analyze_layers, load_causal_lm, measure_perplexity
+from pipeline.analysis.similarity import LayerSimilarity, analyze_layers, load_model_for_analysis, measure_perplexity
 from pipeline.analysis.tokens import TokenBatches, heldout_token_batches, split_token_batches
 
 __all__ = [
     "Candidate", "LayerSimilarity", "SeamReport", "TokenBatches", "analyze_layers", "candidate_seams",
-    "default_data_files", "enumerate_seams", "heldout_token_batches", "load_causal_lm", "measure_perplexity",
+    "default_data_files", "enumerate_seams", "heldout_token_batches", "load_model_for_analysis", "measure_perplexity",
     "passthrough_merge_config", "prepare_tokens", "recommend_seam", "score_candidates", "select_for_scoring",
     "solar_seam", "source_depth", "spearman_rho", "split_token_batches", "write_report",
 ]

@@ -25,12 +25,12 @@ from pipeline.analysis.seams import (
     solar_seam,
     spearman_rho,
 )
-from pipeline.analysis.similarity import analyze_layers, load_causal_lm, measure_perplexity
+from pipeline.analysis.similarity import analyze_layers, load_model_for_analysis, measure_perplexity
 from pipeline.analysis.tokens import (
     DEFAULT_HELDOUT_FRACTION,
     DEFAULT_SELECTION_FRACTION,
     TokenBatches,
-    check_data_files,
+    check_analysis_data,
     split_token_batches,
 )
 from pipeline.config import REPO_ROOT
@@ -72,7 +72,7 @@ def prepare_tokens(model_dir: Path | str, *, data_files: Sequence[str], num_toke
     (``pipeline.data.splits``; ``heldout_fraction=None``: every record)."""
     from transformers import AutoTokenizer
 
-    check_data_files(data_files)
+    check_analysis_data(data_files, text_column=text_column)
     context = _context_length(Path(model_dir))
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
@@ -136,7 +136,7 @@ def recommend_seam(
                             txt_document_separator=txt_document_separator, max_record_chars=max_record_chars,
                             tokens_field=tokens_field, fraction_field=fraction_field)
 
-    model = load_causal_lm(model_dir, device=device, dtype=dtype)
+    model = load_model_for_analysis(model_dir, device=device, dtype=dtype)
     similarity = analyze_layers(model=model, token_batches=tokens, progress=progress, total_batches=len(tokens))
     similarity.model_dir = model_ref or model_dir
     plain_seconds = None

@@ -83,13 +83,13 @@ def pick_device_and_dtype(device: Optional[str] = None, dtype: Optional[str] = N
     return dev, getattr(torch, dtype)
 
 
-def load_causal_lm(model_dir: Path | str, *, device=None, dtype=None):
-    """Load a local safetensors checkpoint for inference (no remote code, no pickles)."""
-    from transformers import AutoModelForCausalLM
+def load_model_for_analysis(model_dir: Path | str, *, device=None, dtype=None):
+    """A local safetensors checkpoint for inference (no remote code, no pickles: ``load_causal_lm``'s
+    defaults) on the analysis device and dtype (``pick_device_and_dtype``)."""
+    from pipeline.training.model import load_causal_lm
 
     dev, torch_dtype = pick_device_and_dtype(device, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=False,
-                                                 use_safetensors=True)
+    model = load_causal_lm(model_dir, dtype=torch_dtype)
     model.to(dev).eval()
     return model
 
@@ -141,7 +141,7 @@ def analyze_layers(
     if model is None:
         if model_dir is None:
             raise ValueError("analyze_layers needs model_dir or model")
-        model = load_causal_lm(model_dir, device=device, dtype=dtype)
+        model = load_model_for_analysis(model_dir, device=device, dtype=dtype)
     layers = decoder_layers(model)
     n_layers = len(layers)
     dev = next(model.parameters()).device
@@ -206,7 +206,7 @@ def measure_perplexity(model_dir: Path | str | None = None, token_batches: Itera
     import torch
 
     if model is None:
-        model = load_causal_lm(model_dir, device=device, dtype=dtype)
+        model = load_model_for_analysis(model_dir, device=device, dtype=dtype)
     dev = next(model.parameters()).device
     nll_sum, nll_count = 0.0, 0
     with torch.no_grad():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from pipeline.data import check_data_file, is_hub_dataset_name, iter_text_records, tokenize_records
+from pipeline.data import check_data_files, iter_text_records, tokenize_records
 from pipeline.data.splits import HELDOUT, SELECTION, RecordSplits
 from pipeline.errors import ConfigError
 
@@ -31,13 +31,11 @@ class TokenBatches:
         return iter(self.batches)
 
 
-def check_data_files(files: Sequence[str], *, field: str = "--data") -> None:
-    """Each file exists with a supported suffix (hub datasets are checked when streamed)."""
-    if not files:
-        raise ConfigError(field, "no data file given", "pass --data FILE (.txt/.jsonl/.json/.parquet)")
-    for name in files:
-        if not is_hub_dataset_name(name):
-            check_data_file(name, field=field)
+def check_analysis_data(files: Sequence[str], *, text_column: str, field: str = "--data") -> None:
+    """The data files as every stage checks them (``pipeline.data.check_data_files``: each exists or is a
+    reachable hub dataset, is not empty, and has ``text_column``), before any model or tokenizer loads."""
+    check_data_files(list(files), field=field, column=text_column, column_field="--text-column", txt_ok=True,
+                     what="data files (.txt/.jsonl/.json/.parquet)")
 
 
 def heldout_token_batches(
@@ -96,7 +94,7 @@ def split_token_batches(
     if splits is not None and which == SELECTION and splits.selection_fraction <= 0:
         raise ConfigError(fraction_field, "is 0: the selection split is empty",
                           f"set {fraction_field} > 0 (e.g. 0.05): the held-out records are eval's test set")
-    check_data_files(data_files, field=field)
+    check_analysis_data(data_files, text_column=text_column, field=field)
     ids: List[int] = []
     records = 0
     for name in data_files:

@@ -206,12 +206,15 @@ def _special_token_ids(tokenizer) -> set[int]:
     return ids
 
 
-def _common_prefix_length(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items ``a`` and ``b`` share: characters of two renderings here, token ids of a
+    prompt and prompt + reply in ``pipeline.data.preference``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _mask_with_template(tokenizer, messages: list[dict], *, train_roles: Sequence[str], train_end_of_turn: bool,
@@ -253,7 +256,7 @@ def _mask_with_template(tokenizer, messages: list[dict], *, train_roles: Sequenc
         at = probe.index(placeholder)
         after = probe[at + len(placeholder):]
         # The text after this reply must not depend on it; where that text starts, the reply ends.
-        if not text.endswith(after) or len(text) - len(after) < _common_prefix_length(text, probe[:at]):
+        if not text.endswith(after) or len(text) - len(after) < common_prefix_length(text, probe[:at]):
             raise ConfigError(
                 where,
                 f"message {index} ({message['role']}): the template renders the rest of the conversation differently "
@@ -263,7 +266,7 @@ def _mask_with_template(tokenizer, messages: list[dict], *, train_roles: Sequenc
         content_end = len(text) - len(after)
         # Start: where the placeholder was when the text before it is unchanged; otherwise (the
         # template reworks the reply, e.g. a reasoning block) as far as the two renderings agree.
-        content_start = at if text.startswith(probe[:at]) else _common_prefix_length(text, probe[:at])
+        content_start = at if text.startswith(probe[:at]) else common_prefix_length(text, probe[:at])
         if message["role"] == "assistant":
             # Everything the model writes after its generation prompt is its turn (Qwen3's empty
             # <think></think> too, as TRL's qwen3_training.jinja trains it).

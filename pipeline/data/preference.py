@@ -34,6 +34,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from pipeline.data.chat_masking import common_prefix_length
 from pipeline.data.files import check_data_file, is_hub_dataset_name, iter_hub_rows, read_rows
 from pipeline.data.mistral import mistral_common_tokenizer_for
 from pipeline.data.splits import split_records
@@ -241,15 +242,6 @@ class TokenizedPair:
         return {"prompt_ids": self.prompt_ids, "chosen_ids": self.chosen_ids, "rejected_ids": self.rejected_ids}
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _template_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool, where: str) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(where, "the tokenizer has no chat template: prompts and replies cannot be rendered",
@@ -304,7 +296,7 @@ def tokenize_pair(tokenizer, pair: dict, *, where: str | None = None) -> Tokeniz
     replies = {}
     for side in ("chosen", "rejected"):
         full = encode(tokenizer, pair["prompt"] + pair[side], add_generation_prompt=False, where=where)
-        n = _common_prefix_length(prompt, full)
+        n = common_prefix_length(prompt, full)
         if n < len(prompt):
             decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
             raise ConfigError(

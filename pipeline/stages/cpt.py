@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest, stage_dir
 from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.training.callbacks import EvaluateAtLastStep, RecordingCollator
-from pipeline.training.model import freeze_except, layers_added_by_merge, load_causal_lm, trainer_kwargs
+from pipeline.training.model import freeze_except, layers_added_by_merge, load_model_for_training, trainer_kwargs
 
 FIXED_BATCH_BLOCKS = 4
 
@@ -78,7 +78,7 @@ def build_cpt_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
         cap = -(-cfg.eval.max_heldout_tokens // cfg.cpt.seq_len) if cfg.eval.max_heldout_tokens > 0 else len(data.heldout)
         eval_dataset = data.heldout.select(range(min(cap, len(data.heldout))))
     args = TrainingArguments(**kwargs)
-    model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
+    model = load_model_for_training(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
                            allow_pickle=cfg.model.allow_pickle)
     freeze_except(model, layers=trainable_layers(cfg), patterns=list(cfg.cpt.trainable_patterns))
     collator = RecordingCollator(default_data_collator)

@@ -34,7 +34,7 @@ from pipeline.log import log
 from pipeline.stages.base import tokenizer_for_checks
 from pipeline.stages.stage import TrainerSetup, TrainingStage
 from pipeline.training.callbacks import RecordingCollator
-from pipeline.training.model import load_causal_lm, lora_config, trainer_kwargs
+from pipeline.training.model import load_model_for_training, lora_config, trainer_kwargs
 from pipeline.training.verify import padded_batch
 
 FIXED_BATCH_EXAMPLES = 4
@@ -142,7 +142,7 @@ def build_sft_trainer(cfg: PipelineConfig, *, tokenizer, input_model: str, check
         dataset_num_proc=None,
     )
     args = TrlSFTConfig(**kwargs)
-    model = load_causal_lm(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
+    model = load_model_for_training(input_model, bf16=bf16, attn=attn, trust_remote_code=cfg.model.trust_remote_code,
                            allow_pickle=cfg.model.allow_pickle)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                          peft_config=lora_config(sc))

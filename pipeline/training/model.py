@@ -54,24 +54,34 @@ def attn_implementation(requested: str | None) -> str:
     return "sdpa"
 
 
-def load_causal_lm(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool, allow_pickle: bool = False):
-    """Load a model for training. ``use_cache`` is turned off: transformers only derives the
-    per-document (packed) attention mask from ``position_ids`` when no KV cache exists, and with
-    ``use_cache=True`` it creates one even in training - packed documents would then attend to each
-    other. The exported model gets ``use_cache=True`` back (``finalize_model_files``).
+def load_causal_lm(model_dir: str | Path, *, dtype: torch.dtype, attn: str | None = None,
+                   trust_remote_code: bool = False, allow_pickle: bool = False):
+    """A causal LM from a model directory, read the one way every loader here reads weights
+    (training, the seam analysis): ``attn`` None leaves transformers' default attention.
 
     Safetensors only unless ``allow_pickle`` (model.allow_pickle): then ``pytorch_model*.bin`` is
-    accepted too, read with ``torch.load(weights_only=True)`` (no arbitrary code from the pickle)."""
+    accepted too, read with ``torch.load(weights_only=True)`` (no arbitrary code from the pickle).
+    Code from the model directory runs only with ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=weights_dtype(bf16),
-        attn_implementation=attn,
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=dtype,
+        **({"attn_implementation": attn} if attn else {}),
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,  # None: safetensors if present, else *.bin
         weights_only=True,
     )
+
+
+def load_model_for_training(model_dir: str, *, bf16: bool, attn: str, trust_remote_code: bool,
+                            allow_pickle: bool = False):
+    """``load_causal_lm`` in the training dtype, with ``use_cache`` off: transformers only derives the
+    per-document (packed) attention mask from ``position_ids`` when no KV cache exists, and with
+    ``use_cache=True`` it creates one even in training - packed documents would then attend to each
+    other. The exported model gets ``use_cache=True`` back (``finalize_model_files``)."""
+    model = load_causal_lm(model_dir, dtype=weights_dtype(bf16), attn=attn, trust_remote_code=trust_remote_code,
+                           allow_pickle=allow_pickle)
     model.config.use_cache = False
     return model
 
