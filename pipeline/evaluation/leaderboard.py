@@ -475,6 +475,8 @@ def board_markdown(stage_metrics: Mapping[str, Mapping[str, float]], info: Mappi
             value = metrics.get(f"{b.task}/{b.metric}")
             if not b.offline and b.task not in tasks_info:
                 row.append(NOT_OFFLINE)
+            elif b.task not in tasks_info:
+                row.append("not run")  # left out of eval.harness_tasks / --tasks (e.g. for a CPU budget)
             elif value is None:
                 row.append("–")
             else:
