@@ -146,3 +146,14 @@ def test_a_sweep_with_unequal_tokens_is_refused_before_any_job_runs(tmp_path, ti
     assert proc.returncode != 0
     assert "differ in planned cpt tokens" in proc.stderr + proc.stdout
     assert not list(sweep.glob("*/01_merge"))
+
+
+def test_the_report_takes_the_leaderboard_average_over_the_tasks_that_ran():
+    from pipeline.cluster.growth import _leaderboard
+
+    results = {"leaderboard": {"tasks": {"arc_challenge": {}, "winogrande": {}}},
+               "stages": {"sft": {"arc_challenge/acc_norm": 0.25, "winogrande/acc": 0.75, "heldout/perplexity": 30.0},
+                          "cpt": {"heldout/perplexity": 29.0}}}
+    assert _leaderboard(results, "sft") == pytest.approx(0.5)
+    assert _leaderboard(results, "cpt") is None  # no board task scored: n/a, not 0
+    assert _leaderboard({"stages": {"sft": {"heldout/perplexity": 30.0}}}, "sft") is None

@@ -24,6 +24,7 @@ from pipeline.cluster.sweep import SweepSummaryCallback, read_job_records
 from pipeline.config import PipelineConfig
 from pipeline.data.splits import check_split_fractions
 from pipeline.errors import ConfigError
+from pipeline.evaluation.leaderboard import average as leaderboard_average
 from pipeline.fsutil import atomic_write_json, atomic_write_text
 from pipeline.log import log
 from pipeline.manifest import read_manifest, resolve_model_dir, stage_dir
@@ -95,12 +96,11 @@ def _stage_ppl(results: dict, stage: str) -> Optional[float]:
 
 
 def _leaderboard(results: dict, stage: str) -> Optional[float]:
-    """The offline leaderboard average of a stage, where that task set ran (eval=leaderboard)."""
-    metrics = results.get("stages", {}).get(stage) or {}
-    for key in ("leaderboard/average", "leaderboard/avg"):
-        if isinstance(metrics.get(key), (int, float)):
-            return metrics[key]
-    return None
+    """The offline leaderboard average of a stage over the board tasks that ran (eval=leaderboard:
+    results.json's ``leaderboard`` record names them), else None."""
+    tasks = list((results.get("leaderboard") or {}).get("tasks") or {})
+    avg, _ = leaderboard_average(results.get("stages", {}).get(stage) or {}, tasks)
+    return avg
 
 
 def read_point(record: dict, shared: set) -> dict:
@@ -225,7 +225,8 @@ def format_report(points: list[dict], summary: dict) -> str:
     lines += ["", "cpt tokens: non-padding tokens the cpt stage actually trained on (its manifest). Training "
               "FLOPs: 6 · N · cpt tokens, N = all parameters (for llama_pro_new_only an upper bound: its frozen "
               "weights get no weight gradient). Held-out ppl: the eval stage's perplexity on the held-out split "
-              "after each stage. Leaderboard: the offline leaderboard average where eval=leaderboard ran, else n/a.",
+              "after each stage. Leaderboard: the offline leaderboard average over the board tasks that ran (each point's "
+              "05_eval/results.md names them, with n per task) where eval=leaderboard ran, else n/a.",
               "", f"**Winner at equal cpt tokens** (lowest held-out ppl after cpt): {summary['winner_at_equal_tokens']}.",
               f"**Winner at equal training FLOPs** ({_fmt(summary['equal_flops_budget'], '.3g')} FLOPs, each "
               "point's held-out curve interpolated at the tokens that budget buys it): "
