@@ -114,6 +114,22 @@ def test_item12_dpo_tokens_are_the_real_ones_of_trls_preference_batches():
     assert batch_token_counts(batch, pad_token_id=0) == ((3 + 2) + (3 + 1) + (1 + 4) + (1 + 2), 2 + 1 + 4 + 2)
 
 
+def test_item9_a_packed_block_counts_its_end_of_document_tokens_when_pad_is_eos():
+    """cpt's packed blocks carry no padding: an eos that doubles as the pad id (SmolLM2) separates
+    documents and is trained on, so it is counted (it was not: 50,128 of 50,176 tokens)."""
+    import torch
+
+    from pipeline.data.packing import pack_documents
+    from pipeline.training.callbacks import batch_token_counts
+
+    eos = 2
+    blocks = pack_documents([[5, 6, 7, eos], [8, 9, eos], [10, 11, 12, 13, eos]], seq_len=4)
+    batch = {"input_ids": torch.tensor(blocks.input_ids), "position_ids": torch.tensor(blocks.position_ids),
+             "labels": torch.tensor(blocks.labels)}
+    inputs, _ = batch_token_counts(batch, pad_token_id=eos)
+    assert inputs == len(blocks.input_ids) * 4 and int((batch["input_ids"] == eos).sum()) >= 1
+
+
 # ------------------------------------------------------------------ item 9: tokens actually trained
 
 

@@ -72,13 +72,17 @@ class RecordingCollator:
 def batch_token_counts(batch, pad_token_id: int | None = None) -> tuple[int, int]:
     """(input tokens that are not padding, tokens that carry a loss) of one collated micro-batch.
 
-    Input: the attention mask's ones; without one (padding-free packing) every input id unless it is
-    the pad id. Loss-bearing: a preference batch's ``completion_mask`` (the chosen and rejected
+    Input: the attention mask's ones; without one, every id of a packed batch (``position_ids``: no
+    padding), else every input id that is not the pad id. Loss-bearing: a preference batch's ``completion_mask`` (the chosen and rejected
     replies DPO scores); else the labels other than -100 after the causal shift (``shift_labels`` as
     given, or ``labels[..., 1:]``): the tokens the loss is averaged over."""
     ids = batch["input_ids"]
     if batch.get("attention_mask") is not None:
         inputs = int(batch["attention_mask"].sum())
+    elif batch.get("position_ids") is not None:
+        # Packed blocks (position_ids restart per document) hold no padding: every id is a token,
+        # the end-of-document id too, which is also the pad id of tokenizers with pad = eos (SmolLM2).
+        inputs = int(ids.numel())
     elif pad_token_id is not None:
         inputs = int((ids != pad_token_id).sum())
     else:
