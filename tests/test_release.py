@@ -185,6 +185,25 @@ def test_card_eval_table_has_the_real_numbers(run_dir):
     assert "![" in card and "(training.png)" in card and "(tasks.png)" in card
 
 
+def test_the_leaderboard_table_reaches_the_card_and_the_released_results(run_dir, tmp_path):
+    """An eval=leaderboard run: the seed's table goes into the model card and into the release's
+    results.json/.md, the same as in the eval stage's (the release used to drop the board's info)."""
+    run = _clone(run_dir, tmp_path / "run")
+    eval_dir = stage_dir(run, "eval")
+    board = {s: {**m, "arc_challenge/acc_norm": 0.4, "arc_challenge/acc_norm_stderr": 0.2} for s, m in RESULTS.items()}
+    info = {"tasks": {"arc_challenge": {"shots": 25, "scored": 5, "split_docs": 1172, "contaminated": 0}}, "limit": 5}
+    for name in ("results.json", "results.md"):
+        (eval_dir / name).unlink()  # hard links into the module's run: replace, never edit
+    write_results(board, eval_dir, chance=CHANCE, leaderboard=info)
+    out = build_release(run)
+    card = (out / "README.md").read_text()
+    assert "### Open LLM Leaderboard v1 (offline)" in card
+    assert "| docs scored |  | 5 of 1,172 |" in card and "0.400 ± 0.200" in card
+    released = json.loads((out / "results.json").read_text())
+    assert released["leaderboard"] == info
+    assert (out / "results.md").read_text() == (eval_dir / "results.md").read_text()
+
+
 # ------------------------------------------------------------------------------------ release
 
 

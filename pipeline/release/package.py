@@ -117,7 +117,8 @@ def write_release_docs(run: RunRecord, out: Path, card: Optional[str] = None) ->
     atomic_write_text(out / CARD_NAME, card if card is not None else render_card(run))
     atomic_write_text(out / MERGEKIT_CONFIG_NAME, published_merge_yaml(run))
     if run.results:
-        write_results(run.results["stages"], out, chance=run.results.get("chance") or {})
+        write_results(run.results["stages"], out, chance=run.results.get("chance") or {},
+                      leaderboard=run.results.get("leaderboard"))
         written += [out / n for n in RESULTS_FILES]
     for name in run.plots:
         _copy_replace(run.eval_dir / name, out / name)

@@ -56,7 +56,7 @@ class RunRecord:
     manifests: dict[str, dict]  # completed stages only
     final_stage: str  # the stage whose model is released
     merge_yaml: str  # 01_merge/mergekit_config.yml, verbatim
-    results: Optional[dict]  # {"stages": {stage: metrics}, "chance": {...}} or None (no eval)
+    results: Optional[dict]  # {"stages": {stage: metrics}, "chance": {...}[, "leaderboard": {...}]} or None
     plots: list[str] = field(default_factory=list)  # plot files present in NN_eval
     release_cfg: dict = field(default_factory=dict)  # the `release` section of <run_dir>/config.yaml
     run_name: str = ""  # run_name of <run_dir>/config.yaml, else the directory's name
@@ -143,14 +143,18 @@ def _read_ladder(run_dir: Path, manifests: dict, final_stage: str) -> Optional[d
 
 
 def _read_results(eval_dir: Path, manifest: dict) -> dict:
-    """results.json of the eval stage; its manifest's metrics (no chance levels) when that is gone."""
+    """results.json of the eval stage (with the leaderboard run's n, shots and contamination when
+    eval=leaderboard ran); its manifest's metrics (no chance levels) when that is gone."""
     import json
 
     path = eval_dir / "results.json"
     if path.is_file():
         data = json.loads(path.read_text())
         if isinstance(data, dict) and isinstance(data.get("stages"), dict):
-            return {"stages": data["stages"], "chance": data.get("chance") or {}}
+            results = {"stages": data["stages"], "chance": data.get("chance") or {}}
+            if data.get("leaderboard"):
+                results["leaderboard"] = data["leaderboard"]
+            return results
     return {"stages": dict(manifest.get("metrics") or {}), "chance": {}}
 
 
