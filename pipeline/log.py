@@ -6,7 +6,9 @@ A tqdm bar redraws itself with carriage returns; written to a file (a CI log, a 
 ``.out``) that becomes one line of hundreds of kilobytes. So when stderr is not a terminal,
 ``progress`` prints a plain line (done/total, rate, ETA, the postfix such as the loss) each time
 another 5 % is done or 30 s have passed, and one at the end. ``DUS_PROGRESS=bars|lines|off``
-overrides the choice.
+overrides the choice. The libraries' own bars (transformers loading weights, datasets' ``map``,
+TRL's label building, the GGUF dequantizer) are switched off in that case by
+``quiet_library_bars_off_terminal``, which ``import pipeline`` calls before any library loads.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ PROGRESS_ENV = "DUS_PROGRESS"
 PROGRESS_MODES = ("bars", "lines", "off")
 LINE_EVERY_S = 30.0
 LINE_EVERY_FRACTION = 0.05
+# Read by tqdm (its defaults, at import), datasets and huggingface_hub (transformers follows the
+# hub's switch) when they are imported; children (accelerate launch's ranks) inherit them.
+LIBRARY_BAR_SWITCHES = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                        "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def log(msg: str, *, where: str | None = None) -> None:
@@ -36,6 +42,15 @@ def progress_mode(stream=None) -> str:
         return "bars" if stream.isatty() else "lines"
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return "lines"
+
+
+def quiet_library_bars_off_terminal() -> None:
+    """Off a terminal, switch off the libraries' carriage-return bars (our loops print lines).
+    A switch the user set already is kept."""
+    if progress_mode() == "bars":
+        return
+    for name, value in LIBRARY_BAR_SWITCHES.items():
+        os.environ.setdefault(name, value)
 
 
 def progress(iterable: Optional[Iterable] = None, *, total: float | None = None, desc: str = "", unit: str = "it",

@@ -111,3 +111,31 @@ def test_trainer_written_to_a_file_uses_lines(tmp_path):
     assert steps[-1].startswith("[dus] cpt: step 40/40 (100%)") and "loss=" in steps[-1], steps[-1]
     assert any("train_runtime=" in ln for ln in text.splitlines()), text  # the summary, one line
     assert "{'loss'" not in text  # not the Trainer's per-log dict printing
+
+
+def _library_bars_stderr(env_overrides: dict) -> str:
+    """stderr (a pipe, not a terminal) of a process that imports the pipeline, then runs the bars
+    the libraries draw themselves: tqdm as transformers' GGUF loader calls it, and datasets' map."""
+    code = textwrap.dedent("""
+        import pipeline
+        from tqdm.auto import tqdm
+        for _ in tqdm(range(50), desc="library loop"):
+            pass
+        import datasets
+        datasets.Dataset.from_dict({"a": list(range(50))}).map(lambda row: row, desc="library map")
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DUS_PROGRESS", "TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                        "HF_HUB_DISABLE_PROGRESS_BARS")}
+    env.update(env_overrides)
+    # bytes: text mode would turn the bars' carriage returns into newlines
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr.decode()
+
+
+def test_library_bars_are_off_in_a_file_and_kept_when_asked_for():
+    quiet = _library_bars_stderr({})
+    assert "\r" not in quiet and "library loop" not in quiet and "library map" not in quiet, quiet[-500:]
+    forced_bars = _library_bars_stderr({"DUS_PROGRESS": "bars"})
+    assert "library loop" in forced_bars and "library map" in forced_bars and "\r" in forced_bars
