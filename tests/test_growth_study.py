@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cluster.growth import check_points, crossing, planned_cpt_tokens, typed_job_config
+from pipeline.cluster.growth import check_points, crossing, planned_cpt_tokens, summarize, typed_job_config
 from pipeline.config import REPO_ROOT, PipelineConfig
 from pipeline.errors import ConfigError
 
@@ -106,6 +106,27 @@ def test_crossing_measured_or_labelled_extrapolation():
 
 
 @pytest.mark.slow
+def _study_point(operator: str, parameters: int, cpt_tokens: int, curve: list[tuple[int, float]]) -> dict:
+    return {"operator": operator, "is_control": operator == "control", "parameters": parameters,
+            "cpt_tokens": cpt_tokens, "training_flops": 6 * parameters * cpt_tokens, "heldout_ppl_cpt": None,
+            "curve": [{"tokens_seen": t, "heldout_loss": loss} for t, loss in curve]}
+
+
+def test_equal_flops_reads_the_cheapest_point_at_the_end_of_its_curve():
+    """Found on the 200k SmolLM2 study: the manifest counted 200,704 cpt tokens, the Trainer's curve
+    ended at 200,559 (pad = eos), so the control could not be read at its own budget and the grown
+    point 'won' at equal FLOPs by default. Each curve is read at the budget's fraction of its run."""
+    control = _study_point("control", 100, 200_704, [(100_000, 3.3), (200_559, 3.2)])
+    grown = _study_point("solar", 150, 200_704, [(100_000, 3.4), (200_559, 3.25)])
+    summary = summarize([control, grown])
+    assert summary["heldout_loss_at_equal_flops"]["control"] == 3.2
+    # The grown point's budget buys 2/3 of its run: 133,706 of its curve's tokens, between 3.4 and 3.25.
+    assert summary["heldout_loss_at_equal_flops"]["solar"] == pytest.approx(3.4 - 0.15 * (200_559 * 2 / 3 - 100_000) / 100_559)
+    assert summary["winner_at_equal_flops"] == "control"
+    no_curve = _study_point("control", 100, 200_704, [])
+    assert summarize([no_curve, grown])["winner_at_equal_flops"].startswith("n/a (no held-out curve at the budget for: control")
+
+
 def test_demo_growth_sweep_writes_the_report_with_all_points(tmp_path, tiny_data_dir):
     """Three points (SOLAR, LLaMA Pro, control), 4 cpt steps each, through `python -m pipeline -m`."""
     sweep = tmp_path / "study"

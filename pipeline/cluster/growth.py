@@ -186,16 +186,22 @@ def summarize(points: list[dict]) -> dict:
     control = next((p for p in points if p["is_control"]), None)
     at_tokens = _winner([(p["operator"], p["heldout_ppl_cpt"]) for p in points])
     # Equal FLOPs: every curve read at the smallest total budget (the control's, when it is cheapest):
-    # a grown model has then seen fewer tokens, at 6·N FLOPs per token.
+    # a grown model has then seen fewer tokens, at 6·N FLOPs per token. The curve is read at the same
+    # fraction of its own run: its token axis is the Trainer's count, which can differ from the
+    # manifest's (SmolLM2: pad = eos, so the Trainer leaves out each block's end-of-document tokens),
+    # and the cheapest point must be read at its last curve point, not just past it.
     budgets = [p["training_flops"] for p in points if p["training_flops"]]
     at_flops, flops_budget, at_flops_loss = "n/a", min(budgets) if budgets else None, {}
     if flops_budget:
         for p in points:
             xs = [c["tokens_seen"] for c in p["curve"] if c.get("tokens_seen")]
             ys = [c["heldout_loss"] for c in p["curve"] if c.get("tokens_seen")]
-            if xs and p["parameters"]:
-                at_flops_loss[p["operator"]] = _interp(xs, ys, flops_budget / (6 * p["parameters"]))
-        at_flops = _winner(list(at_flops_loss.items()))
+            at_flops_loss[p["operator"]] = (_interp(xs, ys, xs[-1] * flops_budget / p["training_flops"])
+                                            if xs and p["training_flops"] else None)
+        unread = [name for name, loss in at_flops_loss.items() if loss is None]
+        # A point that cannot be read at the budget must not lose by default.
+        at_flops = (f"n/a (no held-out curve at the budget for: {', '.join(unread)})" if unread
+                    else _winner(list(at_flops_loss.items())))
     tokens = {p["cpt_tokens"] for p in points}
     return {"winner_at_equal_tokens": at_tokens, "winner_at_equal_flops": at_flops,
             "equal_flops_budget": flops_budget, "heldout_loss_at_equal_flops": at_flops_loss,
