@@ -105,7 +105,6 @@ def test_crossing_measured_or_labelled_extrapolation():
     assert never["kind"] == "none" and "does not cross within 3,000 tokens" in never["text"]
 
 
-@pytest.mark.slow
 def _study_point(operator: str, parameters: int, cpt_tokens: int, curve: list[tuple[int, float]]) -> dict:
     return {"operator": operator, "is_control": operator == "control", "parameters": parameters,
             "cpt_tokens": cpt_tokens, "training_flops": 6 * parameters * cpt_tokens, "heldout_ppl_cpt": None,
@@ -121,12 +120,15 @@ def test_equal_flops_reads_the_cheapest_point_at_the_end_of_its_curve():
     summary = summarize([control, grown])
     assert summary["heldout_loss_at_equal_flops"]["control"] == 3.2
     # The grown point's budget buys 2/3 of its run: 133,706 of its curve's tokens, between 3.4 and 3.25.
-    assert summary["heldout_loss_at_equal_flops"]["solar"] == pytest.approx(3.4 - 0.15 * (200_559 * 2 / 3 - 100_000) / 100_559)
+    expected = 3.4 - 0.15 * (200_559 * 2 / 3 - 100_000) / 100_559
+    assert summary["heldout_loss_at_equal_flops"]["solar"] == pytest.approx(expected)
     assert summary["winner_at_equal_flops"] == "control"
     no_curve = _study_point("control", 100, 200_704, [])
-    assert summarize([no_curve, grown])["winner_at_equal_flops"].startswith("n/a (no held-out curve at the budget for: control")
+    assert summarize([no_curve, grown])["winner_at_equal_flops"].startswith(
+        "n/a (no held-out curve at the budget for: control")
 
 
+@pytest.mark.slow
 def test_demo_growth_sweep_writes_the_report_with_all_points(tmp_path, tiny_data_dir):
     """Three points (SOLAR, LLaMA Pro, control), 4 cpt steps each, through `python -m pipeline -m`."""
     sweep = tmp_path / "study"
