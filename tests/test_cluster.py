@@ -75,11 +75,17 @@ def pipeline_job_overrides(data_dir: Path, out: Path, cache: Path) -> list[str]:
             "distributed.num_processes=1", "cpt.max_steps=6", "cpt.save_steps=2"]
 
 
-def wait_for(what: str, ready, job_id: str, log: Path, timeout_s: float = 600) -> None:
+# States a job passes through while SLURM requeues it (preempted or `scontrol requeue`).
+REQUEUING = ("COMPLETING", "PREEMPTED", "REQUEUED", "REQUEUE_FED")
+
+
+def wait_for(what: str, ready, job_id: str, log: Path, timeout_s: float = 600, *, requeuing: bool = False) -> None:
+    """Poll ``ready()`` while the job is alive (and, with ``requeuing``, while it is being requeued)."""
+    alive = ("PENDING", "RUNNING", "CONFIGURING") + (REQUEUING if requeuing else ())
     deadline = time.time() + timeout_s
     while not ready():
         state = job_field(job_id, "JobState")
-        if state not in ("PENDING", "RUNNING", "CONFIGURING"):
+        if state not in alive:
             raise AssertionError(f"job {job_id} {state} before {what}:\n{log.read_text()[-4000:]}")
         if time.time() > deadline:
             raise AssertionError(f"no {what} after {timeout_s} s:\n{log.read_text()[-4000:]}")
@@ -171,69 +177,72 @@ def test_hydra_sweep_runs_each_point_as_a_job_on_the_local_cluster(cluster, tmp_
     print(f"sweep of 2 SLURM jobs: {time.time() - t0:.0f} s")
 
 
-def _interrupted_mid_cpt(demo, name: str, interrupt, tmp_path: Path, overrides: list[str]):
-    """pipeline.sbatch on 2 nodes, interrupted by ``interrupt(job_id)`` once cpt has a complete
-    checkpoint: the job must be requeued, resume from a checkpoint before the last step and complete.
-    Returns (run directory, job id, the job's log text)."""
-    log = tmp_path / f"{name}.out"
-    job = demo.submit(name, log, tmp_path, overrides)
-    run = tmp_path / name
-    wait_for("a complete cpt checkpoint", lambda: demo.complete_checkpoint(run) is not None, job, log)
-    interrupt(job)
-    assert wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL"), timeout_s=900) == "COMPLETED", \
-        log.read_text()[-4000:]
-    assert int(job_field(job, "Restarts")) >= 1
-    text = log.read_text()
-    resumed = re.search(r"\[cpt\] resuming from \S+/checkpoint-(\d+) \(step (\d+)", text)
-    assert resumed and 2 <= int(resumed.group(2)) < 6, text[-4000:]
-    # Each run of the job: machine rank 0 on one node, rank 1 on the other.
-    by_rank = demo.nodes_by_rank(log)
-    assert len(by_rank["0"]) == len(by_rank["1"]) >= 2
-    assert all({a, b} == {"n1", "n2"} for a, b in zip(by_rank["0"], by_rank["1"]))
-    return run, job, text
+def _checkpoint_step(path: Path | None) -> int:
+    return int(path.name.rsplit("-", 1)[1]) if path is not None else -1
 
 
-def test_preempted_or_requeued_pipeline_job_resumes_to_the_uninterrupted_loss_and_weights(
+def test_a_job_preempted_then_requeued_resumes_twice_to_the_uninterrupted_loss_and_weights(
         cluster, tmp_path, tiny_data_dir, cluster_cache):
-    """pipeline.sbatch on 2 nodes, interrupted after cpt's first complete checkpoint, once by a
-    `preempt` job taking the nodes and once by `scontrol requeue`: each is requeued, resumes from a
-    checkpoint before the last step, and its cpt model equals (loss and every tensor) that of the same
-    job run without interruption."""
+    """pipeline.sbatch on 2 nodes (cpt 8 steps, a checkpoint every 2), interrupted twice: by a
+    `preempt` job taking the nodes once cpt has a complete checkpoint, then, once the resumed run has
+    written a newer one, by `scontrol requeue`. Each time SLURM requeues it and it resumes from a
+    checkpoint before the last step, on both nodes again; its cpt model then equals (loss and every
+    tensor) that of the same job run without interruption."""
     import torch
     from safetensors.torch import load_file
 
     demo = load_demo()
-    overrides = pipeline_job_overrides(tiny_data_dir, tmp_path, cluster_cache)
-    times = {}
+    overrides = pipeline_job_overrides(tiny_data_dir, tmp_path, cluster_cache) + ["cpt.max_steps=8"]
+    resumed_re = re.compile(r"\[cpt\] resuming from \S+/checkpoint-(\d+) \(step (\d+)")
     t0 = time.time()
-    preempted, job, text = _interrupted_mid_cpt(
-        demo, "preempted", lambda job: sh("sbatch", "--parsable", "-p", "preempt", "-N", "2", "-o", "/dev/null",
-                                          "--wrap", "sleep 1"), tmp_path, overrides)
-    assert f"JOB {job} ON n1 CANCELLED AT" in text and "DUE TO PREEMPTION" in text
-    times["preempted"], t0 = time.time() - t0, time.time()
-    requeued, job, text = _interrupted_mid_cpt(demo, "requeued", lambda job: sh("scontrol", "requeue", job),
-                                               tmp_path, overrides)
-    assert f"JOB {job} ON n1 CANCELLED AT" in text and "DUE TO JOB REQUEUE" in text and "PREEMPTION" not in text
-    times["requeued"], t0 = time.time() - t0, time.time()
+    log = tmp_path / "interrupted.out"
+    job = demo.submit("interrupted", log, tmp_path, overrides)
+    run = tmp_path / "interrupted"
+
+    def newest_checkpoint() -> Path | None:
+        done = [p.parent for p in (run / "checkpoints" / "cpt").glob("*/checkpoint-*/dus_checkpoint.json")]
+        return max(done, key=_checkpoint_step, default=None)
+
+    wait_for("a complete cpt checkpoint", lambda: newest_checkpoint() is not None, job, log)
+    sh("sbatch", "--parsable", "-p", "preempt", "-N", "2", "-o", "/dev/null", "--wrap", "sleep 1")
+
+    def resumed_steps() -> list[int]:
+        return [int(m.group(2)) for m in resumed_re.finditer(log.read_text())] if log.is_file() else []
+
+    # The second interruption waits for the resumed run to write a checkpoint past where it resumed.
+    wait_for("a checkpoint after the first resume",
+             lambda: resumed_steps() and _checkpoint_step(newest_checkpoint()) > resumed_steps()[0], job, log,
+             requeuing=True)
+    sh("scontrol", "requeue", job)
+    assert wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL"), timeout_s=900) == "COMPLETED", \
+        log.read_text()[-4000:]
+    interrupted_s, t0 = time.time() - t0, time.time()
+    text = log.read_text()
+    assert int(job_field(job, "Restarts")) >= 2
+    assert f"JOB {job} ON n1 CANCELLED AT" in text and "DUE TO PREEMPTION" in text and "DUE TO JOB REQUEUE" in text
+    steps = resumed_steps()
+    assert len(steps) == 2 and 2 <= steps[0] < steps[1] < 8, text[-4000:]
+    # Each run of the job: machine rank 0 on one node, rank 1 on the other.
+    by_rank = demo.nodes_by_rank(log)
+    assert len(by_rank["0"]) == len(by_rank["1"]) >= 3
+    assert all({a, b} == {"n1", "n2"} for a, b in zip(by_rank["0"], by_rank["1"]))
 
     log_u = tmp_path / "uninterrupted.out"
     job_u = demo.submit("uninterrupted", log_u, tmp_path, overrides)
     assert wait_state(job_u, ("COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL"), timeout_s=900) == "COMPLETED", \
         log_u.read_text()[-4000:]
     assert "resuming from" not in log_u.read_text() and job_field(job_u, "Restarts") == "0"
-    times["uninterrupted"] = time.time() - t0
     run_u = tmp_path / "uninterrupted"
     files = sorted(p.name for p in (run_u / "02_cpt").glob("*.safetensors"))
-    assert files and manifest(run_u, "02_cpt")["metrics"]["global_step"] == 6
-    for run in (preempted, requeued):
-        assert manifest(run, "02_cpt")["metrics"]["global_step"] == 6
-        assert demo.final_loss(run, "02_cpt") == demo.final_loss(run_u, "02_cpt"), run.name
-        assert files == sorted(p.name for p in (run / "02_cpt").glob("*.safetensors"))
-        for name in files:
-            a, b = load_file(run / "02_cpt" / name), load_file(run_u / "02_cpt" / name)
-            assert a.keys() == b.keys()
-            assert all(torch.equal(a[k], b[k]) for k in a), (run.name, name)
-    print("wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    assert files and manifest(run_u, "02_cpt")["metrics"]["global_step"] == 8
+    assert manifest(run, "02_cpt")["metrics"]["global_step"] == 8
+    assert demo.final_loss(run, "02_cpt") == demo.final_loss(run_u, "02_cpt")
+    assert files == sorted(p.name for p in (run / "02_cpt").glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(run / "02_cpt" / name), load_file(run_u / "02_cpt" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    print(f"wall s: interrupted twice {interrupted_s:.0f}, uninterrupted {time.time() - t0:.0f}; resumed at {steps}")
 
 
 def test_a_node_lost_mid_training_requeues_the_job_and_no_stage_is_marked_done(cluster, tmp_path, tiny_data_dir,
