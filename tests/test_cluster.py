@@ -177,10 +177,6 @@ def test_hydra_sweep_runs_each_point_as_a_job_on_the_local_cluster(cluster, tmp_
     print(f"sweep of 2 SLURM jobs: {time.time() - t0:.0f} s")
 
 
-def _checkpoint_step(path: Path | None) -> int:
-    return int(path.name.rsplit("-", 1)[1]) if path is not None else -1
-
-
 def test_a_job_preempted_then_requeued_resumes_twice_to_the_uninterrupted_loss_and_weights(
         cluster, tmp_path, tiny_data_dir, cluster_cache):
     """pipeline.sbatch on 2 nodes (cpt 8 steps, a checkpoint every 2), interrupted twice: by a
@@ -191,6 +187,8 @@ def test_a_job_preempted_then_requeued_resumes_twice_to_the_uninterrupted_loss_a
     import torch
     from safetensors.torch import load_file
 
+    from pipeline.training.resume import complete_checkpoints
+
     demo = load_demo()
     overrides = pipeline_job_overrides(tiny_data_dir, tmp_path, cluster_cache) + ["cpt.max_steps=8"]
     resumed_re = re.compile(r"\[cpt\] resuming from \S+/checkpoint-(\d+) \(step (\d+)")
@@ -199,11 +197,12 @@ def test_a_job_preempted_then_requeued_resumes_twice_to_the_uninterrupted_loss_a
     job = demo.submit("interrupted", log, tmp_path, overrides)
     run = tmp_path / "interrupted"
 
-    def newest_checkpoint() -> Path | None:
-        done = [p.parent for p in (run / "checkpoints" / "cpt").glob("*/checkpoint-*/dus_checkpoint.json")]
-        return max(done, key=_checkpoint_step, default=None)
+    def newest_checkpoint_step() -> int:
+        """Step of the newest complete cpt checkpoint (the resume code's own test), -1 for none."""
+        return max((step for key_dir in (run / "checkpoints" / "cpt").glob("*")
+                    for step, _, _ in complete_checkpoints(key_dir)), default=-1)
 
-    wait_for("a complete cpt checkpoint", lambda: newest_checkpoint() is not None, job, log)
+    wait_for("a complete cpt checkpoint", lambda: newest_checkpoint_step() >= 0, job, log)
     sh("sbatch", "--parsable", "-p", "preempt", "-N", "2", "-o", "/dev/null", "--wrap", "sleep 1")
 
     def resumed_steps() -> list[int]:
@@ -211,7 +210,7 @@ def test_a_job_preempted_then_requeued_resumes_twice_to_the_uninterrupted_loss_a
 
     # The second interruption waits for the resumed run to write a checkpoint past where it resumed.
     wait_for("a checkpoint after the first resume",
-             lambda: resumed_steps() and _checkpoint_step(newest_checkpoint()) > resumed_steps()[0], job, log,
+             lambda: resumed_steps() and newest_checkpoint_step() > resumed_steps()[0], job, log,
              requeuing=True)
     sh("scontrol", "requeue", job)
     assert wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL"), timeout_s=900) == "COMPLETED", \
